@@ -1,0 +1,70 @@
+//! `kiln`: the command-line front end. It parses arguments into plain structs and calls the library
+//! crates; nothing here knows how a tokenizer or a model works inside.
+
+mod assets_cmd;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// kiln: a foundation model's whole life in one tool: data, tokenizers, pretraining, fine-tuning,
+/// evaluation, inference and serving.
+#[derive(Parser, Debug)]
+#[command(name = "kiln", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    /// More log output (-v info, -vv debug, -vvv trace). KILN_LOG overrides it with a tracing filter.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Fetch, list, locate and verify the reference assets (models, tokenizers, corpora, tests).
+    #[command(subcommand)]
+    Assets(assets_cmd::AssetsCommand),
+}
+
+fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Assets(cmd) => assets_cmd::run(cmd),
+    }
+}
+
+fn main() -> ExitCode {
+    // A panic is a bug in kiln, never the user's fault; say so in one line instead of a backtrace
+    // (RUST_BACKTRACE=1 still gets the full report).
+    if std::env::var_os("RUST_BACKTRACE").is_none() {
+        std::panic::set_hook(Box::new(|info| {
+            eprintln!("kiln: internal error (please report it): {info}");
+        }));
+    }
+    let cli = Cli::parse();
+    init_tracing(cli.verbose);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` prints the whole cause chain on one line: "what failed: why: root cause".
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
