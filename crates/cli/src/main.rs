@@ -2,6 +2,9 @@
 //! crates; nothing here knows how a tokenizer or a model works inside.
 
 mod assets_cmd;
+mod resolve;
+mod tokenizer_bench;
+mod tokenizer_cmd;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -25,6 +28,9 @@ enum Command {
     /// Fetch, list, locate and verify the reference assets (models, tokenizers, corpora, tests).
     #[command(subcommand)]
     Assets(assets_cmd::AssetsCommand),
+    /// Encode, decode, train and benchmark byte-level BPE tokenizers.
+    #[command(subcommand)]
+    Tokenizer(tokenizer_cmd::TokenizerCommand),
 }
 
 fn init_tracing(verbose: u8) {
@@ -46,6 +52,7 @@ fn init_tracing(verbose: u8) {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Assets(cmd) => assets_cmd::run(cmd),
+        Command::Tokenizer(cmd) => tokenizer_cmd::run(cmd),
     }
 }
 

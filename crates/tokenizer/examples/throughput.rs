@@ -1,0 +1,2 @@
+//! Single-thread encode throughput on Shakespeare (placeholder).
+fn main() {}
