@@ -103,8 +103,9 @@ impl BpeModel {
         m
     }
 
-    /// A model with Hugging Face semantics: `tokens` are `(bytes, id)`, `merges`
-    /// are pairs of ids in rank order. A merge whose concatenation is not a token,
+    /// A model with Hugging Face semantics: `tokens` are `(bytes, id)` (on equal
+    /// bytes the earlier entry is the one merges produce), `merges` are pairs of
+    /// ids in rank order. A merge whose concatenation is not a token,
     /// or that repeats an earlier pair, is skipped (the earlier rank wins), which
     /// is what llama.cpp does with such vocabularies.
     pub fn from_merges(
@@ -112,14 +113,15 @@ impl BpeModel {
         merges: &[(Rank, Rank)],
         ignore_merges: bool,
     ) -> BpeModel {
-        let mut m = BpeModel::with_tokens(tokens.into_iter());
         let mut whole: FxHashMap<Box<[u8]>, Rank> = FxHashMap::default();
-        for (id, t) in m.tokens.iter().enumerate() {
-            if let Some(t) = t {
-                // On duplicate byte strings the lowest id wins, deterministically.
-                whole.entry(t.clone()).or_insert(id as Rank);
-            }
+        for (t, id) in &tokens {
+            // On duplicate byte strings the first in `tokens` wins: loaders list
+            // properly byte-level-encoded tokens before raw-text ones, because a
+            // merge produces the byte-level string (llama.cpp looks it up by text).
+            whole.entry(t.clone().into_boxed_slice()).or_insert(*id);
         }
+        let m = BpeModel::with_tokens(tokens.into_iter());
+        let mut m = m;
         let mut pairs: FxHashMap<u64, u64> = FxHashMap::default();
         let mut buf = Vec::new();
         for (rank, &(a, b)) in merges.iter().enumerate() {
@@ -315,9 +317,11 @@ impl BpeModel {
         s.syms
             .extend(piece.iter().map(|&b| self.byte_ids[b as usize]));
         s.next.clear();
-        s.next.extend((1..=n as u32).map(|i| if i as usize == n { NONE } else { i }));
+        s.next
+            .extend((1..=n as u32).map(|i| if i as usize == n { NONE } else { i }));
         s.prev.clear();
-        s.prev.extend((0..n as u32).map(|i| if i == 0 { NONE } else { i - 1 }));
+        s.prev
+            .extend((0..n as u32).map(|i| if i == 0 { NONE } else { i - 1 }));
         s.heap.clear();
         for i in 0..n - 1 {
             let r = self.pair_rank(s.syms[i], s.syms[i + 1]);

@@ -80,13 +80,10 @@ impl<'t> StreamDecoder<'t> {
 
     /// Add one token; returns the newly completed text (possibly empty).
     pub fn push(&mut self, id: Rank) -> Result<String> {
-        let bytes = self
-            .tok
-            .token_bytes(id)
-            .ok_or(TokenizerError::UnknownId {
-                id,
-                vocab_size: self.tok.vocab_size(),
-            })?;
+        let bytes = self.tok.token_bytes(id).ok_or(TokenizerError::UnknownId {
+            id,
+            vocab_size: self.tok.vocab_size(),
+        })?;
         self.pending.extend_from_slice(bytes);
         let mut out = String::new();
         let used = drain_utf8(&self.pending, &mut out, false);

@@ -46,7 +46,10 @@ fn bytes_to_unicode_string(bytes: &[u8], table: &[char; 256]) -> String {
 
 /// Writes `contents` to `path` atomically: temp file in the same directory, fsync,
 /// rename, then fsync the directory where the platform allows it.
-fn write_atomic(path: &Path, write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<()> {
+fn write_atomic(
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<()> {
     let io = |source| TrainError::Io {
         path: path.to_owned(),
         source,
@@ -121,7 +124,10 @@ impl TrainedBpe {
             if id > 0 {
                 out.push(',');
             }
-            out.push_str(&format!("\n      {}: {id}", js(&bytes_to_unicode_string(bytes, &table))));
+            out.push_str(&format!(
+                "\n      {}: {id}",
+                js(&bytes_to_unicode_string(bytes, &table))
+            ));
         }
         out.push_str("\n    },\n    \"merges\": [");
         for (i, &(a, b)) in self.merges.iter().enumerate() {
@@ -163,8 +169,11 @@ impl TrainedBpe {
             path: path.to_owned(),
             source,
         })?;
-        let root: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
-        let model = root.get("model").ok_or_else(|| bad("no \"model\"".into()))?;
+        let root: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+        let model = root
+            .get("model")
+            .ok_or_else(|| bad("no \"model\"".into()))?;
         if model.get("type").and_then(|t| t.as_str()) != Some("BPE") {
             return Err(bad("model type is not BPE".into()));
         }
@@ -176,7 +185,11 @@ impl TrainedBpe {
         for (b, c) in byte_to_unicode().iter().enumerate() {
             unicode_to_byte.insert(*c, b as u8);
         }
-        let decode = |s: &str| -> Option<Vec<u8>> { s.chars().map(|c| unicode_to_byte.get(&c).copied()).collect() };
+        let decode = |s: &str| -> Option<Vec<u8>> {
+            s.chars()
+                .map(|c| unicode_to_byte.get(&c).copied())
+                .collect()
+        };
 
         let vocab_map = model
             .get("vocab")
@@ -188,8 +201,14 @@ impl TrainedBpe {
             let id = id
                 .as_u64()
                 .filter(|&id| (id as usize) < vocab.len())
-                .ok_or_else(|| bad(format!("vocab entry {s:?} has an id outside 0..{}", vocab.len())))?;
-            let bytes = decode(s).ok_or_else(|| bad(format!("vocab entry {s:?} is not a byte-level string")))?;
+                .ok_or_else(|| {
+                    bad(format!(
+                        "vocab entry {s:?} has an id outside 0..{}",
+                        vocab.len()
+                    ))
+                })?;
+            let bytes = decode(s)
+                .ok_or_else(|| bad(format!("vocab entry {s:?} is not a byte-level string")))?;
             if vocab[id as usize].replace(bytes).is_some() {
                 return Err(bad(format!("id {id} appears twice in the vocab")));
             }
@@ -201,7 +220,9 @@ impl TrainedBpe {
             .map(|(id, b)| b.ok_or_else(|| bad(format!("id {id} is missing from the vocab"))))
             .collect::<Result<_>>()?;
         if vocab.len() < 256 || (0..256).any(|b| vocab[b] != [b as u8]) {
-            return Err(bad("ids 0..255 are not the 256 single bytes in order".into()));
+            return Err(bad(
+                "ids 0..255 are not the 256 single bytes in order".into()
+            ));
         }
 
         let merges_json = model
@@ -211,15 +232,23 @@ impl TrainedBpe {
         let mut merges = Vec::with_capacity(merges_json.len());
         for (i, m) in merges_json.iter().enumerate() {
             let (l, r) = match m {
-                serde_json::Value::String(s) => s.split_once(' ').ok_or_else(|| bad(format!("merge {i} {s:?} has no space")))?,
-                serde_json::Value::Array(a) => match (a.first().and_then(|v| v.as_str()), a.get(1).and_then(|v| v.as_str()), a.len()) {
+                serde_json::Value::String(s) => s
+                    .split_once(' ')
+                    .ok_or_else(|| bad(format!("merge {i} {s:?} has no space")))?,
+                serde_json::Value::Array(a) => match (
+                    a.first().and_then(|v| v.as_str()),
+                    a.get(1).and_then(|v| v.as_str()),
+                    a.len(),
+                ) {
                     (Some(l), Some(r), 2) => (l, r),
                     _ => return Err(bad(format!("merge {i} is not a pair of strings"))),
                 },
                 _ => return Err(bad(format!("merge {i} is neither a string nor a pair"))),
             };
             let (Some(&a), Some(&b)) = (id_of.get(l), id_of.get(r)) else {
-                return Err(bad(format!("merge {i} ({l:?}, {r:?}) names a token not in the vocab")));
+                return Err(bad(format!(
+                    "merge {i} ({l:?}, {r:?}) names a token not in the vocab"
+                )));
             };
             let want = 256 + i;
             let mut cat = vocab[a as usize].clone();
@@ -230,7 +259,11 @@ impl TrainedBpe {
             merges.push((a, b));
         }
         if vocab.len() != 256 + merges.len() {
-            return Err(bad(format!("{} vocab entries but {} merges (expected 256 + merges)", vocab.len(), merges.len())));
+            return Err(bad(format!(
+                "{} vocab entries but {} merges (expected 256 + merges)",
+                vocab.len(),
+                merges.len()
+            )));
         }
 
         let mut special_tokens = Vec::new();
@@ -259,7 +292,11 @@ impl TrainedBpe {
 fn find_split_pattern(pre: Option<&serde_json::Value>) -> Option<String> {
     let pre = pre?;
     match pre.get("type")?.as_str()? {
-        "Split" => pre.get("pattern")?.get("Regex")?.as_str().map(str::to_owned),
+        "Split" => pre
+            .get("pattern")?
+            .get("Regex")?
+            .as_str()
+            .map(str::to_owned),
         "Sequence" => pre
             .get("pretokenizers")?
             .as_array()?

@@ -29,11 +29,13 @@
 //!   `post_processor` (BOS insertion) are not applied; BOS/EOS ids are exposed.
 //! * GGUF metadata ([`Tokenizer::from_gguf`]), `tokenizer.ggml.model = "gpt2"`, with
 //!   the pre-tokenizer chosen from `tokenizer.ggml.pre` like llama.cpp. Supported
-//!   `pre` values: see [`formats::gguf::SUPPORTED_PRE`]. Not supported: SentencePiece
-//!   (`llama`, e.g. llama-spm, phi-3, baichuan, aquila), WordPiece (`bert`,
-//!   e.g. bert-bge, nomic-bert-moe), Gemma-4 and Qwen3.5 style vocabularies,
-//!   gpt-neox (`pre` not recorded in that file) and pre-tokenizers llama.cpp
-//!   implements with custom code we do not mirror yet (see `SUPPORTED_PRE`).
+//!   `pre` values: see [`formats::gguf::SUPPORTED_PRE`]. llama.cpp's vocab tests
+//!   pass for gpt-2, llama-bpe, qwen2, starcoder, refact, command-r, mpt, falcon,
+//!   deepseek-coder and deepseek-llm (`tests/llama_vocab.rs`). Not supported:
+//!   SentencePiece (`model = "llama"`: llama-spm, phi-3, baichuan), WordPiece
+//!   (`"bert"`: bert-bge), Unigram (`"t5"`: nomic-bert-moe), Gemma 4
+//!   (`"gemma4"`), and the `qwen35` pre-tokenizer. aquila and gpt-neox load but
+//!   have no test pair.
 //!
 //! [`Tokenizer::load`] detects the format from the path.
 //!
@@ -44,14 +46,14 @@
 //! [`Tokenizer::decode_bytes`] for the exact bytes.
 
 pub mod bpe;
+pub mod convert;
 pub mod decode;
 pub mod error;
-pub mod formats;
-pub mod pretok;
 pub mod export;
-pub mod train;
+pub mod formats;
 mod parallel;
-pub mod convert;
+pub mod pretok;
+pub mod train;
 
 pub use bpe::{BpeModel, Rank};
 pub use decode::{validate_utf8, StreamDecoder};
@@ -133,7 +135,12 @@ impl Specials {
 
     /// The leftmost occurrence at or after `from` of a special token accepted by
     /// `ok` (the longest one at that position): `(start, end, id)`.
-    fn find(&self, text: &str, from: usize, ok: &dyn Fn(&str) -> bool) -> Option<(usize, usize, Rank)> {
+    fn find(
+        &self,
+        text: &str,
+        from: usize,
+        ok: &dyn Fn(&str) -> bool,
+    ) -> Option<(usize, usize, Rank)> {
         if self.first_bytes.is_empty() {
             return None;
         }
@@ -144,9 +151,11 @@ impl Specials {
                 [a] => memchr::memchr(*a, &b[i..]),
                 [a, c] => memchr::memchr2(*a, *c, &b[i..]),
                 [a, c, d] => memchr::memchr3(*a, *c, *d, &b[i..]),
-                _ => b[i..].iter().position(|&x| !self.by_first[x as usize].is_empty()),
+                _ => b[i..]
+                    .iter()
+                    .position(|&x| !self.by_first[x as usize].is_empty()),
             };
-            let Some(off) = cand else { return None };
+            let off = cand?;
             let at = i + off;
             for (s, id) in &self.by_first[b[at] as usize] {
                 if b[at..].starts_with(s.as_bytes()) && ok(s) {
@@ -305,7 +314,12 @@ impl Tokenizer {
 
     /// Added (always matched, non-special) tokens as `(string, id)`, sorted by id.
     pub fn added_tokens(&self) -> Vec<(String, Rank)> {
-        let mut v: Vec<_> = self.added.by_str.iter().map(|(s, &id)| (s.clone(), id)).collect();
+        let mut v: Vec<_> = self
+            .added
+            .by_str
+            .iter()
+            .map(|(s, &id)| (s.clone(), id))
+            .collect();
         v.sort_by_key(|(s, id)| (*id, s.clone()));
         v
     }

@@ -23,7 +23,11 @@ impl Tokenizer {
     pub fn encode_ordinary_parallel(&self, text: &str) -> Vec<Rank> {
         let threads = rayon::current_num_threads();
         let parallel_ok = self.normalizer().is_none()
-            && self.pre_tokenizer().splits().iter().all(|s| s.is_hand_written());
+            && self
+                .pre_tokenizer()
+                .splits()
+                .iter()
+                .all(|s| s.is_hand_written());
         if threads < 2 || text.len() < 2 * MIN_CHUNK || !parallel_ok {
             return self.encode_ordinary(text);
         }

@@ -454,7 +454,11 @@ fn split_gpt2<'a, F: FnMut(&'a str)>(text: &'a str, f: &mut F) {
         let end = match end {
             Some(e) => e,
             None => {
-                let next = if c == u32::from(b' ') { s.class(p + 1) } else { SPC };
+                let next = if c == u32::from(b' ') {
+                    s.class(p + 1)
+                } else {
+                    SPC
+                };
                 if next & SPC == 0 {
                     // ` ?X+` with the optional space taken: a run of the next
                     // character's group (letter, number or other).
@@ -609,7 +613,10 @@ impl PreTokenizer {
     /// A pre-tokenizer from split patterns applied in order.
     pub fn new(patterns: &[&str]) -> Result<PreTokenizer> {
         Ok(PreTokenizer {
-            splits: patterns.iter().map(|p| Split::new(p)).collect::<Result<_>>()?,
+            splits: patterns
+                .iter()
+                .map(|p| Split::new(p))
+                .collect::<Result<_>>()?,
         })
     }
 

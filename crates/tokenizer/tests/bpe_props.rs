@@ -46,7 +46,12 @@ fn check_pieces(tok: &Tokenizer, seed: u64, cases: usize) {
         let mut fast = Vec::new();
         tok.bpe().encode_piece(&piece, &mut fast, &mut scratch);
         let slow = tok.bpe().encode_piece_reference(&piece);
-        assert_eq!(fast, slow, "{}: fast != reference on piece {piece:?}", tok.name());
+        assert_eq!(
+            fast,
+            slow,
+            "{}: fast != reference on piece {piece:?}",
+            tok.name()
+        );
         assert_eq!(tok.decode_bytes(&fast).expect("decode"), piece);
     }
 }
@@ -75,7 +80,8 @@ fn r50k_fast_equals_reference() {
 #[test]
 fn gpt2_files_fast_equals_reference() {
     let dir = common::asset("gpt2-vocab");
-    let t = Tokenizer::from_gpt2_files(&dir.join("encoder.json"), &dir.join("vocab.bpe")).expect("load");
+    let t = Tokenizer::from_gpt2_files(&dir.join("encoder.json"), &dir.join("vocab.bpe"))
+        .expect("load");
     check_text(&t, 41, 3_000);
     check_pieces(&t, 42, 400);
 }

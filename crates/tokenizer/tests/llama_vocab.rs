@@ -38,9 +38,18 @@ fn run_one(gguf: &Path) -> Result<(usize, usize, Vec<String>), TokenizerError> {
     let expected: Vec<Vec<u32>> = out
         .split('\n')
         .take(cases.len())
-        .map(|l| l.split_whitespace().map(|x| x.parse().expect("id")).collect())
+        .map(|l| {
+            l.split_whitespace()
+                .map(|x| x.parse().expect("id"))
+                .collect()
+        })
         .collect();
-    assert_eq!(expected.len(), cases.len(), "{}: .inp/.out case counts", gguf.display());
+    assert_eq!(
+        expected.len(),
+        cases.len(),
+        "{}: .inp/.out case counts",
+        gguf.display()
+    );
     let mut pass = 0;
     let mut fails = Vec::new();
     for (text, want) in cases.iter().zip(&expected) {
@@ -48,7 +57,12 @@ fn run_one(gguf: &Path) -> Result<(usize, usize, Vec<String>), TokenizerError> {
         if &got == want {
             pass += 1;
             let reference = tok.encode_ordinary_reference(text).expect("reference");
-            assert_eq!(reference, got, "{}: reference differs on {text:?}", gguf.display());
+            assert_eq!(
+                reference,
+                got,
+                "{}: reference differs on {text:?}",
+                gguf.display()
+            );
             let back = tok.decode(&got).expect("decode");
             assert_eq!(back, *text, "{}: round trip", gguf.display());
         } else {
@@ -68,8 +82,16 @@ fn llama_cpp_vocabs() {
         .collect();
     ggufs.sort();
     let must_pass = [
-        "gpt-2", "llama-bpe", "qwen2", "starcoder", "refact", "deepseek-coder", "deepseek-llm",
-        "falcon", "mpt", "command-r",
+        "gpt-2",
+        "llama-bpe",
+        "qwen2",
+        "starcoder",
+        "refact",
+        "deepseek-coder",
+        "deepseek-llm",
+        "falcon",
+        "mpt",
+        "command-r",
     ];
     let mut failures = Vec::new();
     for g in &ggufs {
@@ -105,7 +127,10 @@ fn llama_cpp_vocabs() {
     assert!(failures.is_empty(), "failures: {failures:?}");
 }
 
-fn run_one_if(g: &Path, has_pair: bool) -> Result<Option<(usize, usize, Vec<String>)>, TokenizerError> {
+fn run_one_if(
+    g: &Path,
+    has_pair: bool,
+) -> Result<Option<(usize, usize, Vec<String>)>, TokenizerError> {
     if has_pair {
         run_one(g).map(Some)
     } else {

@@ -9,7 +9,10 @@ use kiln_tokenizer::pretok::*;
 
 fn check(patterns: &[&str], seed: u64, cases: usize) {
     let fast = PreTokenizer::new(patterns).expect("compile");
-    assert!(fast.splits().iter().all(|s| s.is_hand_written()), "{patterns:?} should be hand-written");
+    assert!(
+        fast.splits().iter().all(|s| s.is_hand_written()),
+        "{patterns:?} should be hand-written"
+    );
     let oracle = fast.reference().expect("compile reference");
     let mut rng = Rng::new(seed);
     let mut fixed: Vec<String> = vec![
@@ -86,7 +89,11 @@ fn all_code_points() {
                     _ => {}
                 }
             }
-            assert_eq!(fast.split(&text), oracle.split(&text), "{pat} differs on {text:?}");
+            assert_eq!(
+                fast.split(&text),
+                oracle.split(&text),
+                "{pat} differs on {text:?}"
+            );
         }
     }
 }

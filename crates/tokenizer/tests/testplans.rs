@@ -47,7 +47,10 @@ fn parse(text: &str) -> Vec<Case> {
             .split(',')
             .map(str::trim)
             .filter(|s| !s.is_empty())
-            .map(|s| s.parse().unwrap_or_else(|_| panic!("line {}: bad id {s}", j + 1)))
+            .map(|s| {
+                s.parse()
+                    .unwrap_or_else(|_| panic!("line {}: bad id {s}", j + 1))
+            })
             .collect();
         cases.push(Case {
             encoding: enc.trim().to_string(),
@@ -77,11 +80,16 @@ fn testplans_all_cases() {
     let mut pass: BTreeMap<String, usize> = BTreeMap::new();
     let mut failures = Vec::new();
     for c in &cases {
-        let tok = toks.entry(c.encoding.clone()).or_insert_with(|| load(&c.encoding));
+        let tok = toks
+            .entry(c.encoding.clone())
+            .or_insert_with(|| load(&c.encoding));
         let tok = match tok {
             Ok(t) => t,
             Err(e) => {
-                failures.push(format!("line {}: encoding {} not loadable: {e}", c.line, c.encoding));
+                failures.push(format!(
+                    "line {}: encoding {} not loadable: {e}",
+                    c.line, c.encoding
+                ));
                 continue;
             }
         };
@@ -95,12 +103,18 @@ fn testplans_all_cases() {
         }
         let reference = tok.encode_ordinary_reference(&c.sample).expect("reference");
         if reference != c.expected {
-            failures.push(format!("line {} ({}): reference encoder differs", c.line, c.encoding));
+            failures.push(format!(
+                "line {} ({}): reference encoder differs",
+                c.line, c.encoding
+            ));
             continue;
         }
         let back = tok.decode(&got).expect("decode");
         if back != c.sample {
-            failures.push(format!("line {} ({}): decode(encode(x)) != x", c.line, c.encoding));
+            failures.push(format!(
+                "line {} ({}): decode(encode(x)) != x",
+                c.line, c.encoding
+            ));
             continue;
         }
         *pass.entry(c.encoding.clone()).or_default() += 1;
@@ -110,6 +124,14 @@ fn testplans_all_cases() {
             println!("encoding {enc}: NOT LOADABLE: {e}");
         }
     }
-    println!("TestPlans: {} cases, passed per encoding: {pass:?}", cases.len());
-    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    println!(
+        "TestPlans: {} cases, passed per encoding: {pass:?}",
+        cases.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

@@ -111,7 +111,10 @@ impl<R: Read> Reader<'_, R> {
 
     fn bytes(&mut self, n: u64, what: &str) -> Result<Vec<u8>> {
         if n > self.left() {
-            return Err(self.err(format!("{what} needs {n} bytes but only {} remain (truncated file?)", self.left())));
+            return Err(self.err(format!(
+                "{what} needs {n} bytes but only {} remain (truncated file?)",
+                self.left()
+            )));
         }
         let mut buf = vec![0u8; n as usize];
         self.r
@@ -123,7 +126,10 @@ impl<R: Read> Reader<'_, R> {
 
     fn skip(&mut self, n: u64, what: &str) -> Result<()> {
         if n > self.left() {
-            return Err(self.err(format!("{what} needs {n} bytes but only {} remain (truncated file?)", self.left())));
+            return Err(self.err(format!(
+                "{what} needs {n} bytes but only {} remain (truncated file?)",
+                self.left()
+            )));
         }
         let copied = std::io::copy(&mut (&mut *self.r).take(n), &mut std::io::sink())
             .map_err(|e| self.err(format!("reading {what}: {e}")))?;
@@ -250,7 +256,12 @@ pub fn read_metadata<R: Read>(
     path: &Path,
     keep: &dyn Fn(&str) -> bool,
 ) -> Result<GgufMetadata> {
-    let mut rd = Reader { r, pos: 0, len, path };
+    let mut rd = Reader {
+        r,
+        pos: 0,
+        len,
+        path,
+    };
     let magic = rd.array::<4>("magic")?;
     if &magic != b"GGUF" {
         return Err(TokenizerError::BadGguf {
@@ -262,15 +273,27 @@ pub fn read_metadata<R: Read>(
     let version = rd.u32("version")?;
     match version {
         2 | 3 => {}
-        1 => return Err(unsupported(path, "GGUF version 1 (32-bit lengths); convert the file to v3")),
+        1 => {
+            return Err(unsupported(
+                path,
+                "GGUF version 1 (32-bit lengths); convert the file to v3",
+            ))
+        }
         v if v.swap_bytes() <= 3 => return Err(unsupported(path, "big-endian GGUF")),
-        v => return Err(unsupported(path, format!("GGUF version {v} (this reader knows 2 and 3)"))),
+        v => {
+            return Err(unsupported(
+                path,
+                format!("GGUF version {v} (this reader knows 2 and 3)"),
+            ))
+        }
     }
     let tensor_count = rd.u64("tensor count")?;
     let kv_count = rd.u64("metadata count")?;
     // A key-value pair takes at least 8 (key length) + 4 (type) + 1 bytes.
     if kv_count.saturating_mul(13) > rd.left() {
-        return Err(rd.err(format!("{kv_count} metadata entries cannot fit in the file")));
+        return Err(rd.err(format!(
+            "{kv_count} metadata entries cannot fit in the file"
+        )));
     }
     let mut kv = Vec::new();
     for _ in 0..kv_count {
@@ -304,21 +327,74 @@ pub fn read_file_metadata(path: &Path) -> Result<GgufMetadata> {
 
 /// The `tokenizer.ggml.pre` values this crate supports.
 pub const SUPPORTED_PRE: &[&str] = &[
-    "default", "gpt2", "mpt", "olmo", "jais", "trillion", "gpt-2", "llama3", "llama-v3",
-    "llama-bpe", "falcon3", "falcon-h1", "pixtral", "dbrx", "smaug-bpe", "qwen2", "stablelm2",
-    "deepseek-r1-qwen", "starcoder", "refact", "command-r", "smollm", "codeshell", "exaone",
-    "minerva-7b", "falcon", "deepseek-llm", "deepseek-coder",
+    "default",
+    "gpt2",
+    "mpt",
+    "olmo",
+    "jais",
+    "trillion",
+    "gpt-2",
+    "llama3",
+    "llama-v3",
+    "llama-bpe",
+    "falcon3",
+    "falcon-h1",
+    "pixtral",
+    "dbrx",
+    "smaug-bpe",
+    "qwen2",
+    "stablelm2",
+    "deepseek-r1-qwen",
+    "starcoder",
+    "refact",
+    "command-r",
+    "smollm",
+    "codeshell",
+    "exaone",
+    "minerva-7b",
+    "falcon",
+    "deepseek-llm",
+    "deepseek-coder",
 ];
 
 /// The split patterns for a llama.cpp pre-tokenizer name, and whether whole
 /// words are looked up before merging (`ignore_merges`, Llama 3 family).
 pub fn pre_patterns(pre: &str) -> Option<(Vec<&'static str>, bool)> {
-    // Copied from llama.cpp's llm_tokenizer_bpe constructor.
+    // Copied from llama.cpp's llm_tokenizer_bpe constructor. DeepSeek LLM's letter
+    // class is written with code point escapes: the original source contains
+    // characters (U+1F7D, U+1FBE, U+212A, ...) that Unicode normalization of the
+    // source text would silently replace, corrupting the ranges.
     const FALCON_PUNCT: &str = r"[\p{P}\$\+<=>\^~\|`]+";
-    const FALCON_MAIN: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
-    const DEEPSEEK_LLM_LETTERS: &str = "\\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+";
+    const FALCON_MAIN: &str =
+        r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
+    const DEEPSEEK_LLM_LETTERS: &str = concat!(
+        "\\s?[",
+        "\\x{41}-\\x{5A}\\x{61}-\\x{7A}\\x{B5}\\x{C0}-\\x{D6}\\x{D8}-\\x{F6}",
+        "\\x{F8}-\\x{1BA}\\x{1BC}-\\x{1BF}\\x{1C4}-\\x{293}\\x{295}-\\x{2AF}",
+        "\\x{370}-\\x{373}\\x{376}-\\x{377}\\x{37B}-\\x{37D}\\x{37F}\\x{386}",
+        "\\x{388}-\\x{38A}\\x{38C}\\x{38E}-\\x{3A1}\\x{3A3}-\\x{3F5}\\x{3F7}-\\x{481}",
+        "\\x{48A}-\\x{52F}\\x{531}-\\x{556}\\x{10A0}-\\x{10C5}\\x{13A0}-\\x{13F5}",
+        "\\x{13F8}-\\x{13FD}\\x{1C90}-\\x{1CBA}\\x{1CBD}-\\x{1CBF}\\x{1D00}-\\x{1D2B}",
+        "\\x{1D6B}-\\x{1D77}\\x{1D79}-\\x{1D9A}\\x{1E00}-\\x{1F15}\\x{1F18}-\\x{1F1D}",
+        "\\x{1F20}-\\x{1F45}\\x{1F48}-\\x{1F4D}\\x{1F50}-\\x{1F57}\\x{1F59}\\x{1F5B}",
+        "\\x{1F5D}\\x{1F5F}-\\x{1F7D}\\x{1F80}-\\x{1FB4}\\x{1FB6}-\\x{1FBC}\\x{1FBE}",
+        "\\x{1FC2}-\\x{1FC4}\\x{1FC6}-\\x{1FCC}\\x{1FD0}-\\x{1FD3}\\x{1FD6}-\\x{1FDB}",
+        "\\x{1FE0}-\\x{1FEC}\\x{1FF2}-\\x{1FF4}\\x{1FF6}-\\x{1FFC}\\x{2102}\\x{2107}",
+        "\\x{210A}-\\x{2113}\\x{2115}\\x{2119}-\\x{211D}\\x{2124}\\x{2126}\\x{2128}",
+        "\\x{212A}-\\x{212D}\\x{212F}-\\x{2134}\\x{2139}\\x{213C}-\\x{213F}",
+        "\\x{2145}-\\x{2149}\\x{214E}\\x{2183}-\\x{2184}\\x{2C00}-\\x{2C7B}",
+        "\\x{2C7E}-\\x{2CE4}\\x{2CEB}-\\x{2CEE}\\x{2CF2}-\\x{2CF3}\\x{A640}-\\x{A66D}",
+        "\\x{A680}-\\x{A69B}\\x{A722}-\\x{A76F}\\x{A771}-\\x{A787}\\x{A78B}-\\x{A78E}",
+        "\\x{AB70}-\\x{ABBF}\\x{FB00}-\\x{FB06}\\x{FB13}-\\x{FB17}\\x{FF21}-\\x{FF3A}",
+        "\\x{FF41}-\\x{FF5A}\\x{10400}-\\x{1044F}\\x{104B0}-\\x{104D3}",
+        "\\x{104D8}-\\x{104FB}\\x{10C80}-\\x{10CB2}\\x{10CC0}-\\x{10CF2}",
+        "\\x{118A0}-\\x{118DF}\\x{1E900}-\\x{1E943}",
+        "]+"
+    );
     Some(match pre {
-        "default" | "gpt2" | "gpt-2" | "mpt" | "olmo" | "jais" | "trillion" => (vec![GPT2_PATTERN], false),
+        "default" | "gpt2" | "gpt-2" | "mpt" | "olmo" | "jais" | "trillion" => {
+            (vec![GPT2_PATTERN], false)
+        }
         "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" => {
             (vec![LLAMA3_CPP_PATTERN], true)
         }
@@ -340,7 +416,13 @@ pub fn pre_patterns(pre: &str) -> Option<(Vec<&'static str>, bool)> {
             false,
         ),
         "deepseek-coder" => (
-            vec!["[\r\n]", "\\s?\\p{L}+", "\\s?\\p{P}+", "[一-龥ࠀ-一가-퟿]+", "\\p{N}"],
+            vec![
+                "[\r\n]",
+                "\\s?\\p{L}+",
+                "\\s?\\p{P}+",
+                "[一-龥ࠀ-一가-퟿]+",
+                "\\p{N}",
+            ],
             false,
         ),
         _ => return None,
@@ -361,7 +443,10 @@ pub fn load(path: &Path) -> Result<Tokenizer> {
 /// Build a tokenizer from already-read metadata (`path` names it in errors).
 pub fn from_metadata(md: &GgufMetadata, path: &Path) -> Result<Tokenizer> {
     let p = || PathBuf::from(path);
-    let bad = |m: String| TokenizerError::BadFile { path: p(), message: m };
+    let bad = |m: String| TokenizerError::BadFile {
+        path: p(),
+        message: m,
+    };
     let model = md
         .get("tokenizer.ggml.model")
         .and_then(GgufValue::as_str)
@@ -374,7 +459,10 @@ pub fn from_metadata(md: &GgufMetadata, path: &Path) -> Result<Tokenizer> {
             "rwkv" => "RWKV tokenizer",
             _ => "this tokenizer.ggml.model",
         };
-        return Err(unsupported(path, format!("{kind}: only byte-level BPE (\"gpt2\") is supported; got {model:?}")));
+        return Err(unsupported(
+            path,
+            format!("{kind}: only byte-level BPE (\"gpt2\") is supported; got {model:?}"),
+        ));
     }
     let pre = md
         .get("tokenizer.ggml.pre")
@@ -383,7 +471,10 @@ pub fn from_metadata(md: &GgufMetadata, path: &Path) -> Result<Tokenizer> {
     let Some((patterns, ignore_merges)) = pre_patterns(pre) else {
         return Err(unsupported(
             path,
-            format!("pre-tokenizer tokenizer.ggml.pre = {pre:?}; supported: {}", SUPPORTED_PRE.join(", ")),
+            format!(
+                "pre-tokenizer tokenizer.ggml.pre = {pre:?}; supported: {}",
+                SUPPORTED_PRE.join(", ")
+            ),
         ));
     };
     let strings = |key: &str| -> Result<Vec<&str>> {
@@ -391,7 +482,10 @@ pub fn from_metadata(md: &GgufMetadata, path: &Path) -> Result<Tokenizer> {
             Some(GgufValue::Array(v)) => v
                 .iter()
                 .enumerate()
-                .map(|(i, x)| x.as_str().ok_or_else(|| bad(format!("{key}[{i}] is not a string"))))
+                .map(|(i, x)| {
+                    x.as_str()
+                        .ok_or_else(|| bad(format!("{key}[{i}] is not a string")))
+                })
                 .collect(),
             Some(_) => Err(bad(format!("{key} is not an array"))),
             None => Err(bad(format!("missing {key}"))),
@@ -431,12 +525,21 @@ pub fn from_metadata(md: &GgufMetadata, path: &Path) -> Result<Tokenizer> {
             _ => ordinary.push((byte_level_decode(t), id)),
         }
     }
+    // Tokens stored as raw text (outside the byte-level alphabet) go last so that
+    // merges resolve to the byte-level spelling when both exist.
+    ordinary.sort_by_key(|(_, id)| !super::is_byte_level(tokens[*id as usize]));
     let mut merge_ids = Vec::with_capacity(merges.len());
     for (i, m) in merges.iter().enumerate() {
         // llama.cpp splits at the first space after the first character.
-        let split = m.char_indices().skip(1).find(|&(_, c)| c == ' ').map(|(j, _)| j);
+        let split = m
+            .char_indices()
+            .skip(1)
+            .find(|&(_, c)| c == ' ')
+            .map(|(j, _)| j);
         let Some(j) = split else {
-            return Err(bad(format!("tokenizer.ggml.merges[{i}] = {m:?} has no space")));
+            return Err(bad(format!(
+                "tokenizer.ggml.merges[{i}] = {m:?} has no space"
+            )));
         };
         if let (Some(&a), Some(&b)) = (ids.get(&m[..j]), ids.get(&m[j + 1..])) {
             merge_ids.push((a, b));
@@ -445,14 +548,22 @@ pub fn from_metadata(md: &GgufMetadata, path: &Path) -> Result<Tokenizer> {
             merge_ids.push((Rank::MAX, Rank::MAX));
         }
     }
-    let id_of = |key: &str| md.get(key).and_then(GgufValue::as_u64).and_then(|v| Rank::try_from(v).ok());
+    let id_of = |key: &str| {
+        md.get(key)
+            .and_then(GgufValue::as_u64)
+            .and_then(|v| Rank::try_from(v).ok())
+    };
     let bos = id_of("tokenizer.ggml.bos_token_id");
     let eos = id_of("tokenizer.ggml.eos_token_id");
     let name = md
         .get("general.name")
         .and_then(GgufValue::as_str)
         .map(str::to_string)
-        .unwrap_or_else(|| path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default());
+        .unwrap_or_else(|| {
+            path.file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        });
     Ok(Tokenizer::new(
         name,
         BpeModel::from_merges(ordinary, &merge_ids, ignore_merges),

@@ -29,8 +29,12 @@ pub fn parse_encoder(data: &[u8], path: &Path) -> Result<Vec<(String, Rank)>> {
 
 /// Parse `vocab.bpe` into merges of token strings, in rank order.
 pub fn parse_merges(data: &[u8], path: &Path) -> Result<Vec<(String, String)>> {
-    let text = std::str::from_utf8(data)
-        .map_err(|e| bad_file(path, format!("not UTF-8 at byte offset {}", e.valid_up_to())))?;
+    let text = std::str::from_utf8(data).map_err(|e| {
+        bad_file(
+            path,
+            format!("not UTF-8 at byte offset {}", e.valid_up_to()),
+        )
+    })?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.is_empty() || (i == 0 && line.starts_with("#version")) {
@@ -70,8 +74,14 @@ pub fn load(encoder_json: &Path, vocab_bpe: &Path) -> Result<Tokenizer> {
         merge_ids.push((ia, ib));
     }
     let eot = ids.get("<|endoftext|>").copied();
-    let tokens: Vec<(Vec<u8>, Rank)> = vocab.iter().map(|(s, id)| (byte_level_decode(s), *id)).collect();
-    let specials: Vec<(String, Rank)> = eot.map(|id| ("<|endoftext|>".to_string(), id)).into_iter().collect();
+    let tokens: Vec<(Vec<u8>, Rank)> = vocab
+        .iter()
+        .map(|(s, id)| (byte_level_decode(s), *id))
+        .collect();
+    let specials: Vec<(String, Rank)> = eot
+        .map(|id| ("<|endoftext|>".to_string(), id))
+        .into_iter()
+        .collect();
     Ok(Tokenizer::new(
         "gpt2",
         BpeModel::from_merges(tokens, &merge_ids, false),

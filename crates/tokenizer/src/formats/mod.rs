@@ -45,7 +45,9 @@ fn char_to_byte() -> &'static [i16; 0x144] {
         let mut t = [-1i16; 0x144];
         let mut n = 0u32;
         for b in 0u32..256 {
-            let printable = (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+            let printable = (0x21..=0x7E).contains(&b)
+                || (0xA1..=0xAC).contains(&b)
+                || (0xAE..=0xFF).contains(&b);
             let c = if printable {
                 b
             } else {
@@ -72,6 +74,11 @@ pub fn char_of_byte(b: u8) -> char {
         .position(|&x| x == i16::from(b))
         .and_then(|i| char::from_u32(i as u32))
         .unwrap_or(char::REPLACEMENT_CHARACTER)
+}
+
+/// Whether every character of `s` is in the byte-level alphabet.
+pub fn is_byte_level(s: &str) -> bool {
+    s.chars().all(|c| byte_of_char(c).is_some())
 }
 
 /// Decode a byte-level token string to its bytes. A string containing a character

@@ -100,11 +100,18 @@ pub fn parse_ranks(data: &[u8], path: &Path) -> Result<Vec<(Vec<u8>, Rank)>> {
         if line.is_empty() {
             continue;
         }
-        let line = std::str::from_utf8(line)
-            .map_err(|e| bad(lineno, format!("not UTF-8 at column {}", e.valid_up_to() + 1)))?;
+        let line = std::str::from_utf8(line).map_err(|e| {
+            bad(
+                lineno,
+                format!("not UTF-8 at column {}", e.valid_up_to() + 1),
+            )
+        })?;
         let mut fields = line.split_ascii_whitespace();
         let (Some(tok), Some(rank), None) = (fields.next(), fields.next(), fields.next()) else {
-            return Err(bad(lineno, format!("expected `<base64> <rank>`, got {:?}", truncate(line))));
+            return Err(bad(
+                lineno,
+                format!("expected `<base64> <rank>`, got {:?}", truncate(line)),
+            ));
         };
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(tok)
@@ -116,10 +123,16 @@ pub fn parse_ranks(data: &[u8], path: &Path) -> Result<Vec<(Vec<u8>, Rank)>> {
             return Err(bad(lineno, "empty token".into()));
         }
         if let Some(prev) = seen_rank.insert(rank, lineno) {
-            return Err(bad(lineno, format!("duplicate rank {rank} (first on line {prev})")));
+            return Err(bad(
+                lineno,
+                format!("duplicate rank {rank} (first on line {prev})"),
+            ));
         }
         if let Some(prev) = seen_token.insert(bytes.clone(), lineno) {
-            return Err(bad(lineno, format!("duplicate token {tok} (first on line {prev})")));
+            return Err(bad(
+                lineno,
+                format!("duplicate token {tok} (first on line {prev})"),
+            ));
         }
         out.push((bytes, rank));
     }
@@ -155,7 +168,10 @@ pub fn from_ranks(
         if let Some((b, _)) = ranks.iter().find(|(_, r)| r == id) {
             return Err(bad_file(
                 path,
-                format!("rank {id} (token {:?}) collides with special token {s}", String::from_utf8_lossy(b)),
+                format!(
+                    "rank {id} (token {:?}) collides with special token {s}",
+                    String::from_utf8_lossy(b)
+                ),
             ));
         }
     }
@@ -168,7 +184,11 @@ pub fn from_ranks(
     if let Some(missing) = have.iter().position(|h| !h) {
         return Err(bad_file(path, format!("byte 0x{missing:02x} has no token")));
     }
-    let specials: Vec<(String, Rank)> = spec.specials.iter().map(|(s, r)| (s.to_string(), *r)).collect();
+    let specials: Vec<(String, Rank)> = spec
+        .specials
+        .iter()
+        .map(|(s, r)| (s.to_string(), *r))
+        .collect();
     let eot = spec.specials.first().map(|(_, r)| *r);
     Ok(Tokenizer::new(
         spec.name,
