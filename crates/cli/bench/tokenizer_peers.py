@@ -24,7 +24,8 @@ def encode(args):
     import tiktoken.load
     from tokenizers import Tokenizer
 
-    text = open(args["corpus"], encoding="utf-8").read()
+    # newline="" keeps \r and \r\n as they are; the default would rewrite them to \n.
+    text = open(args["corpus"], encoding="utf-8", newline="").read()
     # Documents keep their separators, exactly like Rust's split_inclusive("\n\n") on kiln's side.
     parts = text.split("\n\n")
     docs = [d + "\n\n" for d in parts[:-1]] + ([parts[-1]] if parts[-1] else [])

@@ -36,9 +36,15 @@ pub struct BenchArgs {
     /// Repetitions per measurement; the best is kept.
     #[arg(long, default_value_t = 3)]
     reps: usize,
-    /// Vocabulary sizes for the training comparison (empty to skip training).
+    /// Vocabulary sizes for the training comparison.
     #[arg(long, value_delimiter = ',', default_value = "4096,16384")]
     train_vocab: Vec<u32>,
+    /// Skip the training comparison.
+    #[arg(long)]
+    no_train: bool,
+    /// Skip the encoding comparison.
+    #[arg(long)]
+    no_encode: bool,
     /// Write the results as JSON to this file as well.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -201,13 +207,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "| encoding | corpus | MB | threads | kiln MB/s | tiktoken MB/s | HF MB/s | kiln/tiktoken | kiln/HF |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
-    for enc in &a.encodings {
+    let encodings: &[String] = if a.no_encode { &[] } else { &a.encodings };
+    for enc in encodings {
         let ranks = crate::resolve::path_arg(enc)?;
         let tok = Tokenizer::from_tiktoken_file(&ranks, enc)?;
         let hf_json = bench_dir()?.join(format!("{enc}.tokenizer.json"));
-        if !hf_json.is_file() {
-            std::fs::write(&hf_json, kiln_tokenizer::convert::to_hf_json(&tok)?)?;
-        }
+        // Rewritten every run (a second or two) so it always matches this build's converter.
+        std::fs::write(&hf_json, kiln_tokenizer::convert::to_hf_json(&tok)?)?;
         let pattern = tok
             .pre_tokenizer()
             .splits()
@@ -276,7 +282,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             }
         }
     }
-    if !a.train_vocab.is_empty() {
+    if !a.no_train {
         let files = crate::resolve::input_files(&["shakespeare".to_string()])?;
         let mb: f64 = files
             .iter()

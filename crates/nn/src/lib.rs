@@ -1,13 +1,37 @@
 //! Tensor kernels and layers for kiln, built on `candle-core` / `candle-nn` (pinned `=0.11.1`).
 //!
-//! This crate will hold the fused CPU kernels (each a candle `CustomOp` with a backward pass, each
-//! tested against the naive composition it replaces) and the shared layers every model composes:
-//! one `Linear` (dense, quantized or LoRA behind one type), norms, RoPE, attention, the KV cache and
-//! the optimizers. It is filled in by the inference and pretraining issues; today it only fixes the
-//! dependency on candle and the error type, so the crate boundaries exist from day one.
+//! The shared layers every model composes (never copies):
+//! - [`Linear`]: one projection type whose weight is dense (a candle `Tensor`) or quantized (a
+//!   candle `QMatMul` over GGUF blocks); LoRA will wrap it later.
+//! - [`Embedding`]: token embeddings, dense or quantized (rows dequantized on lookup).
+//! - [`RmsNorm`], [`RotaryEmbedding`] (with the scaling variants of Hugging Face's
+//!   `modeling_rope_utils.py`), [`KvCache`], [`causal_attention`] (multi-head, grouped-query and
+//!   multi-query; optional sliding window), [`SwiGlu`].
+//! - [`Weights`]: the weight source (GGUF or safetensors) behind one interface, so a model's
+//!   `load` names tensors and never cares about the file format.
+//!
+//! Everything computes in f32 on the CPU; quantized weights stay quantized in memory.
 
 pub use candle_core;
 pub use candle_nn;
+
+mod attention;
+mod kv_cache;
+mod linear;
+mod mlp;
+mod norm;
+mod rope;
+mod weights;
+
+pub use attention::{causal_attention, causal_attention_reference, repeat_kv};
+pub use kv_cache::KvCache;
+pub use linear::{Embedding, Linear};
+pub use mlp::SwiGlu;
+pub use norm::RmsNorm;
+pub use rope::{RopeLayout, RopeScaling, RotaryEmbedding};
+pub use weights::{GgufMetadata, Weights};
+
+use std::path::PathBuf;
 
 /// Errors from kernels and layers. Carries the op and the shapes involved.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +50,59 @@ pub enum NnError {
         expected: String,
         got: String,
     },
+    /// A weight file could not be opened or read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A GGUF or safetensors file is malformed (truncated, corrupt, or an unknown tensor type).
+    #[error("{path} is not a valid {format} file: {reason}")]
+    BadFile {
+        path: PathBuf,
+        format: &'static str,
+        reason: String,
+    },
+    /// A tensor the model needs is not in the weight source.
+    #[error("tensor `{name}` is missing from {path}")]
+    MissingTensor { name: String, path: PathBuf },
+    /// A tensor has a shape other than the one the config implies.
+    #[error("tensor `{name}` in {path} has shape {got}, the config implies {expected}")]
+    TensorShape {
+        name: String,
+        path: PathBuf,
+        expected: String,
+        got: String,
+    },
+    /// A tensor is stored in a type kiln cannot use.
+    #[error("tensor `{name}` in {path} has unsupported type {dtype}")]
+    UnsupportedDtype {
+        name: String,
+        path: PathBuf,
+        dtype: String,
+    },
+    /// A metadata key is missing or has the wrong type.
+    #[error("metadata key `{key}` in {path}: {reason}")]
+    Metadata {
+        key: String,
+        path: PathBuf,
+        reason: String,
+    },
+    /// A layer was configured with values it cannot work with.
+    #[error("invalid {what}: {reason}")]
+    Config { what: &'static str, reason: String },
 }
 
 pub type Result<T> = std::result::Result<T, NnError>;
+
+/// Attaches the op name to a candle error: `t.matmul(&w).op("matmul")?`.
+pub(crate) trait OpContext<T> {
+    fn op(self, op: &'static str) -> Result<T>;
+}
+
+impl<T> OpContext<T> for candle_core::Result<T> {
+    fn op(self, op: &'static str) -> Result<T> {
+        self.map_err(|source| NnError::Candle { op, source })
+    }
+}

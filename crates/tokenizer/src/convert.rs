@@ -67,7 +67,7 @@ pub fn to_hf_json(tok: &Tokenizer) -> Result<String> {
         .splits()
         .iter()
         .map(|s| {
-            json!({"type": "Split", "pattern": {"Regex": s.pattern()},
+            json!({"type": "Split", "pattern": {"Regex": crate::pretok::hf_compatible_pattern(s.pattern())},
                    "behavior": "Isolated", "invert": false})
         })
         .collect();

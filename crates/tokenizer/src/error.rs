@@ -43,7 +43,7 @@ pub enum TokenizerError {
     Unsupported { path: PathBuf, what: String },
 
     /// The tiktoken encoding name is not one of the known OpenAI encodings.
-    #[error("unknown tiktoken encoding {0:?} (expected r50k_base, p50k_base, p50k_edit, cl100k_base or o200k_base)")]
+    #[error("unknown tiktoken encoding {0:?} (expected r50k_base, p50k_base, p50k_edit, cl100k_base or o200k_base); a rank file carries no split pattern, so kiln takes the encoding from its file name: for a vocabulary kiln trained, load the tokenizer.json it wrote instead")]
     UnknownEncoding(String),
 
     /// The path given to [`crate::Tokenizer::load`] is not a recognised format.

@@ -67,6 +67,13 @@ fn write_atomic(
         write(&mut w).map_err(io)?;
         w.flush().map_err(io)?;
     }
+    // Temp files are created private (0600); a vocabulary is not a secret, so give
+    // it the target's existing permissions, or the usual 0644 for a new file.
+    let perms = match std::fs::metadata(path) {
+        Ok(m) => m.permissions(),
+        Err(_) => default_permissions(tmp.as_file()).map_err(io)?,
+    };
+    tmp.as_file().set_permissions(perms).map_err(io)?;
     tmp.as_file().sync_all().map_err(io)?;
     tmp.persist(path).map_err(|e| io(e.error))?;
     // Make the rename itself durable. Opening a directory fails on some platforms,
@@ -75,6 +82,17 @@ fn write_atomic(
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+#[cfg(unix)]
+fn default_permissions(_file: &std::fs::File) -> std::io::Result<std::fs::Permissions> {
+    use std::os::unix::fs::PermissionsExt;
+    Ok(std::fs::Permissions::from_mode(0o644))
+}
+
+#[cfg(not(unix))]
+fn default_permissions(file: &std::fs::File) -> std::io::Result<std::fs::Permissions> {
+    Ok(file.metadata()?.permissions())
 }
 
 impl TrainedBpe {
@@ -112,7 +130,7 @@ impl TrainedBpe {
         out.push_str("],\n  \"normalizer\": null,\n");
         out.push_str(&format!(
             "  \"pre_tokenizer\": {{\"type\": \"Sequence\", \"pretokenizers\": [{{\"type\": \"Split\", \"pattern\": {{\"Regex\": {}}}, \"behavior\": \"Isolated\", \"invert\": false}}, {{\"type\": \"ByteLevel\", \"add_prefix_space\": false, \"trim_offsets\": true, \"use_regex\": false}}]}},\n",
-            js(&self.pattern)
+            js(crate::pretok::hf_compatible_pattern(&self.pattern))
         ));
         out.push_str("  \"post_processor\": null,\n");
         out.push_str("  \"decoder\": {\"type\": \"ByteLevel\", \"add_prefix_space\": true, \"trim_offsets\": true, \"use_regex\": true},\n");
@@ -278,6 +296,12 @@ impl TrainedBpe {
             }
         }
         special_tokens.sort_by_key(|(_, id)| *id);
+        // The file holds the Hugging Face spelling of the pattern; give back the original.
+        let pattern = if pattern == crate::pretok::CL100K_HF_PATTERN {
+            crate::pretok::CL100K_PATTERN.to_string()
+        } else {
+            pattern
+        };
         Ok(TrainedBpe {
             pattern,
             merges,

@@ -37,6 +37,21 @@ pub const GPT2_PATTERN: &str =
 /// tiktoken's cl100k_base pattern.
 pub const CL100K_PATTERN: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s";
 
+/// cl100k_base's pattern as kiln writes it into a Hugging Face `tokenizer.json`. Hugging Face's
+/// regex engine (Oniguruma) does not read `{1,3}+` as a possessive bounded repeat, so it splits
+/// digit runs differently ("1314151" became "13", "14", "151"). Dropping that `+` changes nothing
+/// for tiktoken's semantics: the digits branch ends its alternative, so it never backtracks.
+pub const CL100K_HF_PATTERN: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s";
+
+/// The spelling of `pattern` that Hugging Face `tokenizers` reads with the same meaning.
+pub fn hf_compatible_pattern(pattern: &str) -> &str {
+    if pattern == CL100K_PATTERN {
+        CL100K_HF_PATTERN
+    } else {
+        pattern
+    }
+}
+
 /// tiktoken's o200k_base pattern (the alternatives joined with `|`).
 pub const O200K_PATTERN: &str = concat!(
     r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
@@ -318,7 +333,7 @@ impl Split {
     pub fn new(pattern: &str) -> Result<Split> {
         let imp = match pattern {
             R50K_PATTERN | GPT2_PATTERN => Imp::Gpt2,
-            CL100K_PATTERN => Imp::Cl100k {
+            CL100K_PATTERN | CL100K_HF_PATTERN => Imp::Cl100k {
                 long_s: true,
                 max_digits: 3,
                 ws_end_first: true,

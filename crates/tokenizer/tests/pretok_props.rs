@@ -45,6 +45,7 @@ fn gpt2_matches_regex() {
 #[test]
 fn cl100k_matches_regex() {
     check(&[CL100K_PATTERN], 3, 20_000);
+    check(&[kiln_tokenizer::pretok::CL100K_HF_PATTERN], 13, 20_000);
 }
 
 #[test]

@@ -370,6 +370,12 @@ fn tiktoken_export_parses_back() {
     assert_eq!(vocab, bpe.vocab);
     // Only the file itself is left in the directory (the temp file was renamed).
     assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 1);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o644, "not left private like a temp file");
+    }
 }
 
 /// What tests/fixtures/train/check_hf.py recorded: it trained on corpus.txt with

@@ -1,0 +1,148 @@
+//! `Linear` and `Embedding`: dense or quantized weights behind one type.
+
+use crate::{OpContext, Result};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Module, Tensor, D};
+use std::sync::Arc;
+
+/// `y = x W^T + b` with `W` of shape (out, in). The weight is either dense (f32) or quantized
+/// (GGUF blocks multiplied by candle's quantized kernels, which quantize the activations to
+/// 8 bits on the fly, as llama.cpp does).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Weight,
+    bias: Option<Tensor>,
+    out_features: usize,
+    in_features: usize,
+}
+
+#[derive(Debug, Clone)]
+enum Weight {
+    Dense(Tensor),
+    Quantized(QMatMul),
+}
+
+impl Linear {
+    /// A dense layer; `weight` is (out, in) and is converted to f32.
+    pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let (out_features, in_features) = weight.dims2().op("linear weight dims")?;
+        let weight = weight.to_dtype(DType::F32).op("linear to f32")?;
+        let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose().op("bias to f32")?;
+        Ok(Self { weight: Weight::Dense(weight), bias, out_features, in_features })
+    }
+
+    /// A layer over a GGUF tensor: block-quantized types stay quantized; F32/F16/BF16 become
+    /// dense f32.
+    pub fn from_qtensor(weight: Arc<QTensor>, bias: Option<Tensor>) -> Result<Self> {
+        let (out_features, in_features) = weight.shape().dims2().op("linear weight dims")?;
+        let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose().op("bias to f32")?;
+        let weight = match weight.dtype() {
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                Weight::Dense(weight.dequantize(&weight.device()).op("dequantize")?)
+            }
+            _ => Weight::Quantized(QMatMul::QTensor(weight)),
+        };
+        Ok(Self { weight, bias, out_features, in_features })
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    /// Whether the weight is kept in a block-quantized format.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.weight, Weight::Quantized(_))
+    }
+
+    /// The weight as a dense f32 tensor (dequantized if needed): the reference path for tests.
+    pub fn dequantized_weight(&self) -> Result<Tensor> {
+        match &self.weight {
+            Weight::Dense(w) => Ok(w.clone()),
+            Weight::Quantized(QMatMul::QTensor(q)) => q.dequantize(&q.device()).op("dequantize"),
+            Weight::Quantized(QMatMul::Tensor(w)) => Ok(w.clone()),
+            Weight::Quantized(QMatMul::TensorF16(w)) => w.to_dtype(DType::F32).op("to f32"),
+        }
+    }
+
+    /// `x` is (..., in); returns (..., out).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match &self.weight {
+            Weight::Dense(w) => {
+                // Flatten the leading dims so one 2-D gemm does the work: (M, in) x (in, out).
+                let dims = x.dims().to_vec();
+                let m: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+                let x2 = x.reshape((m, self.in_features)).op("linear reshape")?;
+                let y = x2.matmul(&w.t().op("linear t")?).op("linear matmul")?;
+                let mut out_dims = dims;
+                if let Some(last) = out_dims.last_mut() {
+                    *last = self.out_features;
+                }
+                y.reshape(out_dims).op("linear reshape back")?
+            }
+            Weight::Quantized(q) => {
+                let x = x.contiguous().op("qmatmul contiguous")?;
+                q.forward(&x).op("qmatmul")?
+            }
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b).op("linear bias"),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Token embeddings (vocab, hidden), dense or quantized.
+#[derive(Debug, Clone)]
+pub enum Embedding {
+    Dense(Tensor),
+    Quantized(Arc<QTensor>),
+}
+
+impl Embedding {
+    /// Block-quantized GGUF embeddings stay quantized (rows are dequantized on lookup).
+    pub fn from_qtensor(t: Arc<QTensor>) -> Result<Self> {
+        Ok(match t.dtype() {
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                Embedding::Dense(t.dequantize(&t.device()).op("dequantize")?)
+            }
+            _ => Embedding::Quantized(t),
+        })
+    }
+
+    pub fn dense(t: Tensor) -> Result<Self> {
+        Ok(Embedding::Dense(t.to_dtype(DType::F32).op("embedding to f32")?))
+    }
+
+    /// (vocab, hidden).
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        match self {
+            Embedding::Dense(t) => t.dims2().op("embedding dims"),
+            Embedding::Quantized(q) => q.shape().dims2().op("embedding dims"),
+        }
+    }
+
+    /// `ids` (B, T) u32 -> (B, T, hidden). Ids must be below the vocabulary size.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            Embedding::Dense(w) => {
+                let mut dims = ids.dims().to_vec();
+                dims.push(w.dim(D::Minus1).op("embedding dim")?);
+                let flat = ids.flatten_all().op("embedding flatten")?;
+                w.index_select(&flat, 0).op("embedding lookup")?.reshape(dims).op("embedding reshape")
+            }
+            Embedding::Quantized(q) => q.embedding(ids).op("quantized embedding lookup"),
+        }
+    }
+
+    /// The same weights as an output projection (tied embeddings).
+    pub fn as_linear(&self) -> Result<Linear> {
+        match self {
+            Embedding::Dense(w) => Linear::dense(w.clone(), None),
+            Embedding::Quantized(q) => Linear::from_qtensor(q.clone(), None),
+        }
+    }
+}
