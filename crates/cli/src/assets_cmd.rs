@@ -125,7 +125,10 @@ pub fn run(cmd: AssetsCommand) -> Result<()> {
                 }
             }
             if bad > 0 {
-                bail!("{bad} of {} assets failed verification; `kiln assets fetch NAME` repairs them", names.len());
+                bail!(
+                    "{bad} of {} assets failed verification; `kiln assets fetch NAME` repairs them",
+                    names.len()
+                );
             }
             Ok(())
         }

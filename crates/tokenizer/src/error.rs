@@ -9,8 +9,8 @@ use std::path::PathBuf;
 /// Everything that can go wrong while loading a vocabulary, encoding or decoding.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
-    /// The file could not be read at all.
-    #[error("cannot read {path}: {source}")]
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
     Io {
         path: PathBuf,
         #[source]
@@ -73,6 +73,26 @@ pub enum TokenizerError {
     /// Input bytes end in the middle of a UTF-8 sequence.
     #[error("input is not valid UTF-8: truncated sequence at byte offset {offset}")]
     TruncatedUtf8 { offset: usize },
+
+    /// A training input file is not valid UTF-8.
+    #[error("{path}: input is not valid UTF-8 at byte offset {offset}")]
+    InvalidUtf8File { path: PathBuf, offset: u64 },
+
+    /// `vocab_size` leaves no room for the 256 byte tokens and the special tokens.
+    #[error("vocab_size {vocab_size} is too small: it must be at least 256 byte tokens + {specials} special tokens = {minimum}")]
+    VocabTooSmall {
+        vocab_size: u32,
+        specials: usize,
+        minimum: u64,
+    },
+
+    /// The special tokens given to the trainer are unusable (empty or repeated).
+    #[error("invalid special tokens: {0}")]
+    BadSpecialTokens(String),
+
+    /// A rayon thread pool could not be created.
+    #[error("cannot start {threads} threads: {message}")]
+    ThreadPool { threads: usize, message: String },
 }
 
 /// Shorthand used throughout the crate.

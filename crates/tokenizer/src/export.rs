@@ -18,7 +18,8 @@ use std::path::Path;
 use base64::Engine as _;
 use rustc_hash::FxHashMap;
 
-use crate::train::{Result, TrainError, TrainedBpe};
+use crate::error::TokenizerError;
+use crate::train::{Result, TrainedBpe};
 
 /// GPT-2's byte-to-unicode table: printable Latin-1 bytes map to themselves, the
 /// others to code points from U+0100 on, so every byte has a visible character.
@@ -50,7 +51,7 @@ fn write_atomic(
     path: &Path,
     write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
 ) -> Result<()> {
-    let io = |source| TrainError::Io {
+    let io = |source| TokenizerError::Io {
         path: path.to_owned(),
         source,
     };
@@ -179,11 +180,11 @@ impl TrainedBpe {
     /// merge `i` produces id `256 + i`). `stopped_early` is not stored and reads as
     /// false.
     pub fn load(path: &Path) -> Result<TrainedBpe> {
-        let bad = |message: String| TrainError::BadFile {
+        let bad = |message: String| TokenizerError::BadFile {
             path: path.to_owned(),
             message,
         };
-        let text = std::fs::read_to_string(path).map_err(|source| TrainError::Io {
+        let text = std::fs::read_to_string(path).map_err(|source| TokenizerError::Io {
             path: path.to_owned(),
             source,
         })?;

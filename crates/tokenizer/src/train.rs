@@ -65,6 +65,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use rustc_hash::{FxHashMap, FxHashSet};
 
+pub use crate::error::TokenizerError;
 use crate::pretok::PreTokenizer;
 
 /// The cl100k_base (GPT-4) split pattern, copied from tiktoken's `openai_public.py`.
@@ -80,52 +81,8 @@ const BATCH_BYTES: usize = 64 << 20;
 /// Target size of one unit of parallel work during counting.
 const CHUNK_BYTES: usize = 1 << 20;
 
-/// Errors from training and from reading or writing trained vocabularies.
-///
-/// Kept separate from the crate's `TokenizerError` because training has its own
-/// failure modes (configuration, file offsets in UTF-8 errors); the two can be
-/// unified later by adding these variants there.
-#[derive(Debug, thiserror::Error)]
-pub enum TrainError {
-    /// A file could not be read or written.
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-
-    /// An input file is not valid UTF-8.
-    #[error("{path}: input is not valid UTF-8 at byte offset {offset}")]
-    InvalidUtf8 { path: PathBuf, offset: u64 },
-
-    /// `vocab_size` leaves no room for the 256 byte tokens and the special tokens.
-    #[error("vocab_size {vocab_size} is too small: it must be at least 256 byte tokens + {specials} special tokens = {minimum}")]
-    VocabTooSmall {
-        vocab_size: u32,
-        specials: usize,
-        minimum: u64,
-    },
-
-    /// The special tokens are unusable (empty or repeated).
-    #[error("invalid special tokens: {0}")]
-    BadSpecialTokens(String),
-
-    /// The split pattern does not compile, or the regex engine gave up on an input.
-    #[error("split regex {pattern:?}: {message}")]
-    BadRegex { pattern: String, message: String },
-
-    /// The rayon thread pool could not be created.
-    #[error("cannot start {threads} training threads: {message}")]
-    ThreadPool { threads: usize, message: String },
-
-    /// A saved vocabulary file is malformed or inconsistent.
-    #[error("{path}: {message}")]
-    BadFile { path: PathBuf, message: String },
-}
-
 /// Shorthand for results of this module.
-pub type Result<T, E = TrainError> = std::result::Result<T, E>;
+pub type Result<T, E = TokenizerError> = std::result::Result<T, E>;
 
 /// How to train.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -266,7 +223,7 @@ impl PieceSplitter for PreTokenizer {
 /// for anything else, keeping unmatched gaps as pieces like Hugging Face's
 /// `Split` with `Isolated` behaviour.
 pub(crate) fn make_splitter(pattern: &str) -> Result<Box<dyn PieceSplitter>> {
-    let pretok = PreTokenizer::new(&[pattern]).map_err(|e| TrainError::BadRegex {
+    let pretok = PreTokenizer::new(&[pattern]).map_err(|e| TokenizerError::BadRegex {
         pattern: pattern.to_owned(),
         message: e.to_string(),
     })?;
@@ -428,8 +385,8 @@ impl PieceCounts {
     }
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
-    move |source| TrainError::Io {
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TokenizerError + '_ {
+    move |source| TokenizerError::Io {
         path: path.to_owned(),
         source,
     }
@@ -466,7 +423,7 @@ fn read_file_into(
         };
         let rest = buf.split_off(cut);
         let text = String::from_utf8(std::mem::replace(&mut buf, rest)).map_err(|e| {
-            TrainError::InvalidUtf8 {
+            TokenizerError::InvalidUtf8File {
                 path: path.to_owned(),
                 offset: base + e.utf8_error().valid_up_to() as u64,
             }
@@ -490,7 +447,7 @@ fn read_file_into(
 fn check_config(cfg: &TrainerConfig) -> Result<usize> {
     let minimum = 256 + cfg.special_tokens.len() as u64;
     if u64::from(cfg.vocab_size) < minimum {
-        return Err(TrainError::VocabTooSmall {
+        return Err(TokenizerError::VocabTooSmall {
             vocab_size: cfg.vocab_size,
             specials: cfg.special_tokens.len(),
             minimum,
@@ -499,12 +456,12 @@ fn check_config(cfg: &TrainerConfig) -> Result<usize> {
     let mut seen = FxHashSet::default();
     for s in &cfg.special_tokens {
         if s.is_empty() {
-            return Err(TrainError::BadSpecialTokens(
+            return Err(TokenizerError::BadSpecialTokens(
                 "a special token is the empty string".into(),
             ));
         }
         if !seen.insert(s.as_str()) {
-            return Err(TrainError::BadSpecialTokens(format!(
+            return Err(TokenizerError::BadSpecialTokens(format!(
                 "{s:?} is listed twice"
             )));
         }
@@ -522,7 +479,7 @@ fn make_pool(cfg: &TrainerConfig) -> Result<Option<rayon::ThreadPool>> {
         .num_threads(threads.max(1))
         .build()
         .map(Some)
-        .map_err(|e| TrainError::ThreadPool {
+        .map_err(|e| TokenizerError::ThreadPool {
             threads,
             message: e.to_string(),
         })
@@ -890,7 +847,7 @@ mod tests {
             let err = read_file_into(&path, block, &mut pending, &mut bytes, &mut |_, _| Ok(()))
                 .unwrap_err();
             assert!(
-                matches!(err, TrainError::InvalidUtf8 { offset: 100, .. }),
+                matches!(err, TokenizerError::InvalidUtf8File { offset: 100, .. }),
                 "{err:?}"
             );
         }

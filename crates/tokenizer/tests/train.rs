@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use kiln_tokenizer::train::{
-    train_from_counts, train_from_files, train_from_texts, TrainError, TrainProgress, TrainedBpe,
-    TrainerConfig, GPT4_PATTERN,
+    train_from_counts, train_from_files, train_from_texts, TokenizerError, TrainProgress,
+    TrainedBpe, TrainerConfig, GPT4_PATTERN,
 };
 
 fn fixture(name: &str) -> PathBuf {
@@ -435,7 +435,7 @@ fn hf_json_export_loads_back() {
     std::fs::write(&path, r#"{"model": {"type": "BPE"}}"#).expect("write");
     assert!(matches!(
         TrainedBpe::load(&path),
-        Err(TrainError::BadFile { .. })
+        Err(TokenizerError::BadFile { .. })
     ));
 }
 
@@ -540,7 +540,7 @@ fn invalid_utf8_names_file_and_offset() {
     let err = train_from_files(std::slice::from_ref(&path), &cfg(300), &|_| {})
         .expect_err("invalid UTF-8 is an error");
     match &err {
-        TrainError::InvalidUtf8 { path: p, offset: o } => {
+        TokenizerError::InvalidUtf8File { path: p, offset: o } => {
             assert_eq!(p, &path);
             assert_eq!(*o, offset as u64);
         }
@@ -554,14 +554,14 @@ fn invalid_utf8_names_file_and_offset() {
 
     let missing = train_from_files(&[dir.path().join("missing.txt")], &cfg(300), &|_| {})
         .expect_err("missing file");
-    assert!(matches!(missing, TrainError::Io { .. }));
+    assert!(matches!(missing, TokenizerError::Io { .. }));
 }
 
 #[test]
 fn configuration_errors() {
     let err = train_from_texts(&["abc"], &cfg(255)).expect_err("too small");
     assert!(
-        matches!(err, TrainError::VocabTooSmall { minimum: 256, .. }),
+        matches!(err, TokenizerError::VocabTooSmall { minimum: 256, .. }),
         "{err:?}"
     );
     let mut c = cfg(257);
@@ -572,13 +572,13 @@ fn configuration_errors() {
     c.special_tokens = vec!["<a>".into(), "<a>".into()];
     assert!(matches!(
         train_from_texts(&["abc"], &c),
-        Err(TrainError::BadSpecialTokens(_))
+        Err(TokenizerError::BadSpecialTokens(_))
     ));
     let mut c = cfg(300);
     c.pattern = "(unclosed".into();
     assert!(matches!(
         train_from_texts(&["abc"], &c),
-        Err(TrainError::BadRegex { .. })
+        Err(TokenizerError::BadRegex { .. })
     ));
     // Exactly 256 + specials is fine and learns no merges.
     let bpe = train_from_texts(&["abcabc"], &cfg(256)).expect("no merges requested");
