@@ -354,6 +354,17 @@ fn read_tar<R: Read>(
 /// Streams `reader` into `path`, fsyncs it, and returns (sha256, size).
 fn copy_hashing(reader: &mut dyn Read, path: &Path) -> Result<(String, u64)> {
     let mut out = fs::File::create(path).map_err(io_err(path))?;
+    let r = hash_stream(reader, Some(&mut out), path)?;
+    out.sync_all().map_err(io_err(path))?;
+    Ok(r)
+}
+
+/// Hashes everything `reader` yields, copying it into `sink` when there is one.
+fn hash_stream(
+    reader: &mut dyn Read,
+    mut sink: Option<&mut fs::File>,
+    path: &Path,
+) -> Result<(String, u64)> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
@@ -363,10 +374,11 @@ fn copy_hashing(reader: &mut dyn Read, path: &Path) -> Result<(String, u64)> {
             break;
         }
         hasher.update(&buf[..n]);
-        out.write_all(&buf[..n]).map_err(io_err(path))?;
+        if let Some(out) = sink.as_mut() {
+            out.write_all(&buf[..n]).map_err(io_err(path))?;
+        }
         size += n as u64;
     }
-    out.sync_all().map_err(io_err(path))?;
     Ok((hex(&hasher.finalize()), size))
 }
 
@@ -380,18 +392,7 @@ pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
 /// sha256 (lower-case hex) and size of a file.
 pub fn sha256_file(path: &Path) -> Result<(String, u64)> {
     let mut f = fs::File::open(path).map_err(io_err(path))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = f.read(&mut buf).map_err(io_err(path))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        size += n as u64;
-    }
-    Ok((hex(&hasher.finalize()), size))
+    hash_stream(&mut f, None, path)
 }
 
 fn hex(bytes: &[u8]) -> String {
