@@ -2,6 +2,8 @@
 //! crates; nothing here knows how a tokenizer or a model works inside.
 
 mod assets_cmd;
+mod generate_cmd;
+mod logits_cmd;
 mod resolve;
 mod tokenizer_bench;
 mod tokenizer_cmd;
@@ -31,6 +33,10 @@ enum Command {
     /// Encode, decode, train and benchmark byte-level BPE tokenizers.
     #[command(subcommand)]
     Tokenizer(tokenizer_cmd::TokenizerCommand),
+    /// Generate a continuation of a prompt with a LLaMA-family model (streams to stdout).
+    Generate(generate_cmd::GenerateArgs),
+    /// Print a model's top next-token logits for a prompt.
+    Logits(logits_cmd::LogitsArgs),
 }
 
 fn init_tracing(verbose: u8) {
@@ -53,6 +59,8 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Assets(cmd) => assets_cmd::run(cmd),
         Command::Tokenizer(cmd) => tokenizer_cmd::run(cmd),
+        Command::Generate(args) => generate_cmd::run(args),
+        Command::Logits(args) => logits_cmd::run(args),
     }
 }
 

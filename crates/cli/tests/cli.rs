@@ -169,7 +169,10 @@ fn kiln_stdin(args: &[&str], input: &[u8]) -> Output {
 fn encode_decode_round_trip_through_the_cli() {
     // Expected ids from tiktoken: enc.encode_ordinary("Hello, world! <|endoftext|>") for cl100k_base.
     let text = "Hello, world! <|endoftext|>";
-    let out = kiln_stdin(&["tokenizer", "encode", "-t", "cl100k_base"], text.as_bytes());
+    let out = kiln_stdin(
+        &["tokenizer", "encode", "-t", "cl100k_base"],
+        text.as_bytes(),
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     let ids = stdout(&out);
     assert_eq!(ids.trim(), "9906 11 1917 0 83739 8862 728 428 91 29");
@@ -182,11 +185,30 @@ fn encode_decode_round_trip_through_the_cli() {
 
     // --allow-special turns the string into the special id; --count counts.
     let out = kiln(
-        &["tokenizer", "encode", "-t", "cl100k_base", "--allow-special", "--text", text],
+        &[
+            "tokenizer",
+            "encode",
+            "-t",
+            "cl100k_base",
+            "--allow-special",
+            "--text",
+            text,
+        ],
         &[],
     );
     assert_eq!(stdout(&out).trim(), "9906 11 1917 0 220 100257");
-    let out = kiln(&["tokenizer", "encode", "-t", "cl100k_base", "--count", "--text", text], &[]);
+    let out = kiln(
+        &[
+            "tokenizer",
+            "encode",
+            "-t",
+            "cl100k_base",
+            "--count",
+            "--text",
+            text,
+        ],
+        &[],
+    );
     assert_eq!(stdout(&out).trim(), "10");
 }
 
@@ -194,16 +216,35 @@ fn encode_decode_round_trip_through_the_cli() {
 fn tokenizer_bad_input() {
     let out = kiln_stdin(&["tokenizer", "encode", "-t", "o200k_base"], b"ab\xffcd");
     assert_clean_error(&out, "invalid byte 0xff at byte offset 2");
-    let out = kiln(&["tokenizer", "decode", "-t", "cl100k_base", "5", "999999"], &[]);
+    let out = kiln(
+        &["tokenizer", "decode", "-t", "cl100k_base", "5", "999999"],
+        &[],
+    );
     assert_clean_error(&out, "unknown token id 999999");
-    let out = kiln(&["tokenizer", "decode", "-t", "cl100k_base", "5", "x7"], &[]);
+    let out = kiln(
+        &["tokenizer", "decode", "-t", "cl100k_base", "5", "x7"],
+        &[],
+    );
     assert_clean_error(&out, "token id #2 `x7`");
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("tokenizer.json");
     std::fs::write(&bad, b"{\"model\": 3").unwrap();
-    let out = kiln(&["tokenizer", "encode", "-t", bad.to_str().unwrap(), "--text", "x"], &[]);
+    let out = kiln(
+        &[
+            "tokenizer",
+            "encode",
+            "-t",
+            bad.to_str().unwrap(),
+            "--text",
+            "x",
+        ],
+        &[],
+    );
     assert_clean_error(&out, "invalid JSON");
-    let out = kiln(&["tokenizer", "encode", "-t", "/no/such/file", "--text", "x"], &[]);
+    let out = kiln(
+        &["tokenizer", "encode", "-t", "/no/such/file", "--text", "x"],
+        &[],
+    );
     assert_clean_error(&out, "neither a file or folder nor an asset name");
 }
 
@@ -217,21 +258,43 @@ fn train_then_encode_with_the_trained_file() {
     let out_tt = dir.path().join("tok.tiktoken");
     let out = kiln(
         &[
-            "tokenizer", "train", "--input", corpus.to_str().unwrap(), "--vocab-size", "300",
-            "--special", "<|endoftext|>", "--output", out_json.to_str().unwrap(),
-            "--tiktoken", out_tt.to_str().unwrap(),
+            "tokenizer",
+            "train",
+            "--input",
+            corpus.to_str().unwrap(),
+            "--vocab-size",
+            "300",
+            "--special",
+            "<|endoftext|>",
+            "--output",
+            out_json.to_str().unwrap(),
+            "--tiktoken",
+            out_tt.to_str().unwrap(),
         ],
         &[],
     );
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(out_tt.is_file());
     let enc = kiln(
-        &["tokenizer", "encode", "-t", out_json.to_str().unwrap(), "--text", "the cat sat"],
+        &[
+            "tokenizer",
+            "encode",
+            "-t",
+            out_json.to_str().unwrap(),
+            "--text",
+            "the cat sat",
+        ],
         &[],
     );
     assert!(enc.status.success(), "{}", stderr(&enc));
-    let ids: Vec<u32> = stdout(&enc).split_whitespace().map(|s| s.parse().unwrap()).collect();
-    assert!(ids.len() < "the cat sat".len(), "merges were learned: {ids:?}");
+    let ids: Vec<u32> = stdout(&enc)
+        .split_whitespace()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    assert!(
+        ids.len() < "the cat sat".len(),
+        "merges were learned: {ids:?}"
+    );
     assert!(ids.iter().all(|&i| i < 300));
     let args: Vec<String> = ["tokenizer", "decode", "-t", out_json.to_str().unwrap()]
         .into_iter()
@@ -242,8 +305,16 @@ fn train_then_encode_with_the_trained_file() {
     assert_eq!(kiln(&args, &[]).stdout, b"the cat sat");
     // Too small a vocabulary is refused with the reason.
     let out = kiln(
-        &["tokenizer", "train", "--input", corpus.to_str().unwrap(), "--vocab-size", "100",
-          "--output", out_json.to_str().unwrap()],
+        &[
+            "tokenizer",
+            "train",
+            "--input",
+            corpus.to_str().unwrap(),
+            "--vocab-size",
+            "100",
+            "--output",
+            out_json.to_str().unwrap(),
+        ],
         &[],
     );
     assert_clean_error(&out, "too small");

@@ -1,12 +1,50 @@
-//! Model families, one file per family (the LLaMA-style decoder, BERT), built only from `kiln-nn` layers.
+//! Model families, one file per family (the LLaMA-style decoder, later BERT), built only from
+//! `kiln-nn` layers.
 //!
 //! Models do no I/O beyond reading their weight source and know nothing about HTTP or tokenizers.
-//! Filled in by the inference and serving issues.
+
+pub mod llama;
+
+pub use kiln_nn::KvCache;
+pub use llama::{Config, HfConfig, Llama};
+
+use std::path::PathBuf;
 
 /// Errors from this crate.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    /// Placeholder until the crate's issue adds real variants.
-    #[error("{0}")]
-    Other(String),
+    /// A layer or weight-source error (bad file, missing tensor, shape mismatch, tensor op).
+    #[error(transparent)]
+    Nn(#[from] kiln_nn::NnError),
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `config.json` or an index file could not be parsed.
+    #[error("cannot parse {path}: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The configuration is inconsistent or asks for something kiln does not support.
+    #[error("invalid model config: {0}")]
+    Config(String),
+    /// The input does not fit the model's context window.
+    #[error("{needed} positions do not fit the context window of {max} tokens")]
+    ContextOverflow { needed: usize, max: usize },
+    /// A token id is outside the vocabulary.
+    #[error("token id {id} is outside the vocabulary of {vocab} tokens")]
+    TokenOutOfRange { id: u32, vocab: usize },
+    /// The KV cache does not hold the positions before `start_pos`.
+    #[error("start position {start_pos} does not match the {cached} positions in the KV cache")]
+    CacheMismatch { start_pos: usize, cached: usize },
+    /// The path is neither a GGUF file nor a model folder.
+    #[error("{0} is neither a .gguf file nor a folder with config.json and *.safetensors")]
+    UnknownFormat(PathBuf),
 }
+
+pub type Result<T> = std::result::Result<T, ModelError>;

@@ -30,14 +30,23 @@ fn needs_mask(t: usize, s: usize, window: Option<usize>) -> bool {
 }
 
 /// `q` (B, H_q, T, D) at positions `S - T ..S`; `k`, `v` (B, H_kv, S, D). Returns (B, H_q, T, D).
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, window: Option<usize>) -> Result<Tensor> {
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    window: Option<usize>,
+) -> Result<Tensor> {
     let (b, hq, t, d) = q.dims4().op("attention q dims")?;
     let (_, hkv, s, _) = k.dims4().op("attention k dims")?;
     check_heads(hq, hkv, t, s)?;
     let n_rep = hq / hkv;
     let scale = 1.0 / (d as f64).sqrt();
     // (B, H_kv, n_rep * T, D): query heads h*n_rep..(h+1)*n_rep share kv head h.
-    let q = q.contiguous().op("attention q contiguous")?.reshape((b, hkv, n_rep * t, d)).op("gqa fold")?;
+    let q = q
+        .contiguous()
+        .op("attention q contiguous")?
+        .reshape((b, hkv, n_rep * t, d))
+        .op("gqa fold")?;
     let scores = (q.matmul(&k.t().op("k^T")?).op("q k^T")? * scale).op("scale")?; // (B, H_kv, n_rep*T, S)
     let scores = if needs_mask(t, s, window) {
         let m = Tensor::from_vec(mask_values(t, s, window), (1, t, s), &Device::Cpu)
@@ -52,13 +61,16 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, window: Option<usize
     } else {
         scores
     };
-    let probs = candle_nn::ops::softmax_last_dim(&scores.contiguous().op("scores contiguous")?).op("softmax")?;
-    let out = probs.matmul(&v.contiguous().op("v contiguous")?).op("probs v")?; // (B, H_kv, n_rep*T, D)
+    let probs = candle_nn::ops::softmax_last_dim(&scores.contiguous().op("scores contiguous")?)
+        .op("softmax")?;
+    let out = probs
+        .matmul(&v.contiguous().op("v contiguous")?)
+        .op("probs v")?; // (B, H_kv, n_rep*T, D)
     out.reshape((b, hq, t, d)).op("gqa unfold")
 }
 
 fn check_heads(hq: usize, hkv: usize, t: usize, s: usize) -> Result<()> {
-    if hkv == 0 || hq % hkv != 0 || s < t {
+    if hkv == 0 || !hq.is_multiple_of(hkv) || s < t {
         return Err(NnError::Shape {
             op: "attention",
             expected: "H_q a multiple of H_kv and S >= T".into(),
@@ -87,13 +99,24 @@ pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
 
 /// The textbook composition, kept as the oracle for [`causal_attention`]: repeat K/V, full
 /// scores, mask, softmax, weighted sum.
-pub fn causal_attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, window: Option<usize>) -> Result<Tensor> {
+pub fn causal_attention_reference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    window: Option<usize>,
+) -> Result<Tensor> {
     let (_, hq, t, d) = q.dims4().op("attention q dims")?;
     let (_, hkv, s, _) = k.dims4().op("attention k dims")?;
     check_heads(hq, hkv, t, s)?;
     let k = repeat_kv(&k.contiguous().op("k")?, hq / hkv)?;
     let v = repeat_kv(&v.contiguous().op("v")?, hq / hkv)?;
-    let scores = (q.contiguous().op("q")?.matmul(&k.t().op("k^T")?).op("q k^T")? / (d as f64).sqrt()).op("scale")?;
+    let scores = (q
+        .contiguous()
+        .op("q")?
+        .matmul(&k.t().op("k^T")?)
+        .op("q k^T")?
+        / (d as f64).sqrt())
+    .op("scale")?;
     let mask = Tensor::from_vec(mask_values(t, s, window), (t, s), q.device()).op("mask")?;
     let scores = scores.broadcast_add(&mask).op("mask")?;
     let probs = candle_nn::ops::softmax(&scores, D::Minus1).op("softmax")?;

@@ -20,7 +20,10 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: vec![None; num_layers], len: 0 }
+        Self {
+            layers: vec![None; num_layers],
+            len: 0,
+        }
     }
 
     /// Positions cached so far (the same for every layer once a forward pass finished).
@@ -47,11 +50,14 @@ impl KvCache {
         let (b, h, t, d) = k.dims4().op("kv cache dims")?;
         let start = self.len;
         let needed = start + t;
-        let slot = self.layers.get_mut(layer).ok_or_else(|| crate::NnError::Shape {
-            op: "kv cache layer",
-            expected: "a layer index below the cache's layer count".into(),
-            got: layer.to_string(),
-        })?;
+        let slot = self
+            .layers
+            .get_mut(layer)
+            .ok_or_else(|| crate::NnError::Shape {
+                op: "kv cache layer",
+                expected: "a layer index below the cache's layer count".into(),
+                got: layer.to_string(),
+            })?;
         let grow = match slot {
             Some(c) => c.k.dim(2).op("kv capacity")? < needed,
             None => true,
@@ -61,10 +67,26 @@ impl KvCache {
             let nk = Tensor::zeros((b, h, cap, d), k.dtype(), k.device()).op("kv alloc")?;
             let nv = Tensor::zeros((b, h, cap, d), v.dtype(), v.device()).op("kv alloc")?;
             if let (Some(old), true) = (slot.as_ref(), start > 0) {
-                nk.slice_set(&old.k.narrow(2, 0, start).op("kv narrow")?.contiguous().op("kv copy")?, 2, 0)
-                    .op("kv copy")?;
-                nv.slice_set(&old.v.narrow(2, 0, start).op("kv narrow")?.contiguous().op("kv copy")?, 2, 0)
-                    .op("kv copy")?;
+                nk.slice_set(
+                    &old.k
+                        .narrow(2, 0, start)
+                        .op("kv narrow")?
+                        .contiguous()
+                        .op("kv copy")?,
+                    2,
+                    0,
+                )
+                .op("kv copy")?;
+                nv.slice_set(
+                    &old.v
+                        .narrow(2, 0, start)
+                        .op("kv narrow")?
+                        .contiguous()
+                        .op("kv copy")?,
+                    2,
+                    0,
+                )
+                .op("kv copy")?;
             }
             *slot = Some(LayerCache { k: nk, v: nv });
         }
@@ -73,9 +95,14 @@ impl KvCache {
             expected: "an allocated layer".into(),
             got: "none".into(),
         })?;
-        c.k.slice_set(&k.contiguous().op("kv k")?, 2, start).op("kv write k")?;
-        c.v.slice_set(&v.contiguous().op("kv v")?, 2, start).op("kv write v")?;
-        Ok((c.k.narrow(2, 0, needed).op("kv view")?, c.v.narrow(2, 0, needed).op("kv view")?))
+        c.k.slice_set(&k.contiguous().op("kv k")?, 2, start)
+            .op("kv write k")?;
+        c.v.slice_set(&v.contiguous().op("kv v")?, 2, start)
+            .op("kv write v")?;
+        Ok((
+            c.k.narrow(2, 0, needed).op("kv view")?,
+            c.v.narrow(2, 0, needed).op("kv view")?,
+        ))
     }
 
     /// Marks `t` more positions as cached (after every layer appended them).

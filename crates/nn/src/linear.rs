@@ -27,22 +27,38 @@ impl Linear {
     pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let (out_features, in_features) = weight.dims2().op("linear weight dims")?;
         let weight = weight.to_dtype(DType::F32).op("linear to f32")?;
-        let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose().op("bias to f32")?;
-        Ok(Self { weight: Weight::Dense(weight), bias, out_features, in_features })
+        let bias = bias
+            .map(|b| b.to_dtype(DType::F32))
+            .transpose()
+            .op("bias to f32")?;
+        Ok(Self {
+            weight: Weight::Dense(weight),
+            bias,
+            out_features,
+            in_features,
+        })
     }
 
     /// A layer over a GGUF tensor: block-quantized types stay quantized; F32/F16/BF16 become
     /// dense f32.
     pub fn from_qtensor(weight: Arc<QTensor>, bias: Option<Tensor>) -> Result<Self> {
         let (out_features, in_features) = weight.shape().dims2().op("linear weight dims")?;
-        let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose().op("bias to f32")?;
+        let bias = bias
+            .map(|b| b.to_dtype(DType::F32))
+            .transpose()
+            .op("bias to f32")?;
         let weight = match weight.dtype() {
             GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
                 Weight::Dense(weight.dequantize(&weight.device()).op("dequantize")?)
             }
             _ => Weight::Quantized(QMatMul::QTensor(weight)),
         };
-        Ok(Self { weight, bias, out_features, in_features })
+        Ok(Self {
+            weight,
+            bias,
+            out_features,
+            in_features,
+        })
     }
 
     pub fn out_features(&self) -> usize {
@@ -114,7 +130,9 @@ impl Embedding {
     }
 
     pub fn dense(t: Tensor) -> Result<Self> {
-        Ok(Embedding::Dense(t.to_dtype(DType::F32).op("embedding to f32")?))
+        Ok(Embedding::Dense(
+            t.to_dtype(DType::F32).op("embedding to f32")?,
+        ))
     }
 
     /// (vocab, hidden).
@@ -132,7 +150,10 @@ impl Embedding {
                 let mut dims = ids.dims().to_vec();
                 dims.push(w.dim(D::Minus1).op("embedding dim")?);
                 let flat = ids.flatten_all().op("embedding flatten")?;
-                w.index_select(&flat, 0).op("embedding lookup")?.reshape(dims).op("embedding reshape")
+                w.index_select(&flat, 0)
+                    .op("embedding lookup")?
+                    .reshape(dims)
+                    .op("embedding reshape")
             }
             Embedding::Quantized(q) => q.embedding(ids).op("quantized embedding lookup"),
         }

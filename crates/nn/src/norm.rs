@@ -11,7 +11,10 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn new(weight: Tensor, eps: f64) -> Result<Self> {
-        Ok(Self { weight: weight.to_dtype(DType::F32).op("rmsnorm to f32")?, eps: eps as f32 })
+        Ok(Self {
+            weight: weight.to_dtype(DType::F32).op("rmsnorm to f32")?,
+            eps: eps as f32,
+        })
     }
 
     /// `x` is (..., hidden).

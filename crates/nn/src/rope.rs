@@ -7,6 +7,9 @@
 //! store Q/K rows permuted back to Meta's original layout, which pairs `2i` with `2i+1`
 //! ("interleaved"). Because the same permutation is applied to Q and K, `q . k` is identical.
 
+// `!(x > y)` is deliberate: it also rejects NaN (and mirrors torch's `~(a < b)` in rope).
+#![allow(clippy::neg_cmp_op_on_partial_ord)]
+
 use crate::{NnError, OpContext, Result};
 use candle_core::{Device, Tensor};
 
@@ -15,9 +18,14 @@ use candle_core::{Device, Tensor};
 pub enum RopeScaling {
     None,
     /// Position interpolation: every frequency divided by `factor`.
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Dynamic NTK: the base grows once the sequence passes `max_position_embeddings`.
-    DynamicNtk { factor: f64, max_position_embeddings: usize },
+    DynamicNtk {
+        factor: f64,
+        max_position_embeddings: usize,
+    },
     /// YaRN (Peng et al. 2023): interpolation blended with extrapolation per frequency band, and
     /// cos/sin scaled by an attention factor.
     Yarn {
@@ -71,12 +79,23 @@ fn default_inv_freq(base: f64, dim: usize) -> Vec<f32> {
 }
 
 impl RotaryEmbedding {
-    pub fn new(head_dim: usize, base: f64, scaling: RopeScaling, layout: RopeLayout) -> Result<Self> {
-        if head_dim == 0 || head_dim % 2 != 0 {
-            return Err(NnError::Config { what: "rope", reason: format!("head_dim {head_dim} must be even") });
+    pub fn new(
+        head_dim: usize,
+        base: f64,
+        scaling: RopeScaling,
+        layout: RopeLayout,
+    ) -> Result<Self> {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
+            return Err(NnError::Config {
+                what: "rope",
+                reason: format!("head_dim {head_dim} must be even"),
+            });
         }
         if !(base > 1.0) {
-            return Err(NnError::Config { what: "rope", reason: format!("rope_theta {base} must be > 1") });
+            return Err(NnError::Config {
+                what: "rope",
+                reason: format!("rope_theta {base} must be > 1"),
+            });
         }
         let dim = head_dim;
         let mut attention_scaling = 1.0f32;
@@ -84,9 +103,17 @@ impl RotaryEmbedding {
             RopeScaling::None | RopeScaling::DynamicNtk { .. } => default_inv_freq(base, dim),
             RopeScaling::Linear { factor } => {
                 check_factor(*factor)?;
-                default_inv_freq(base, dim).iter().map(|f| f / *factor as f32).collect()
+                default_inv_freq(base, dim)
+                    .iter()
+                    .map(|f| f / *factor as f32)
+                    .collect()
             }
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
                 check_factor(*factor)?;
                 if !(high_freq_factor > low_freq_factor) {
                     return Err(NnError::Config {
@@ -94,7 +121,11 @@ impl RotaryEmbedding {
                         reason: format!("high_freq_factor {high_freq_factor} must exceed low_freq_factor {low_freq_factor}"),
                     });
                 }
-                let (factor, lo, hi) = (*factor as f32, *low_freq_factor as f32, *high_freq_factor as f32);
+                let (factor, lo, hi) = (
+                    *factor as f32,
+                    *low_freq_factor as f32,
+                    *high_freq_factor as f32,
+                );
                 let old = *original_max_position_embeddings as f32;
                 let low_freq_wavelen = old / lo;
                 let high_freq_wavelen = old / hi;
@@ -102,8 +133,13 @@ impl RotaryEmbedding {
                     .into_iter()
                     .map(|f| {
                         let wavelen = 2.0 * std::f32::consts::PI / f;
-                        let scaled = if wavelen > low_freq_wavelen { f / factor } else { f };
-                        let medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
+                        let scaled = if wavelen > low_freq_wavelen {
+                            f / factor
+                        } else {
+                            f
+                        };
+                        let medium =
+                            !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
                         if medium {
                             let smooth = (old / wavelen - lo) / (hi - lo);
                             (1.0 - smooth) * scaled / factor + smooth * scaled
@@ -124,14 +160,25 @@ impl RotaryEmbedding {
                 truncate,
             } => {
                 check_factor(*factor)?;
-                let get_mscale = |scale: f64, m: f64| if scale <= 1.0 { 1.0 } else { 0.1 * m * scale.ln() + 1.0 };
+                let get_mscale = |scale: f64, m: f64| {
+                    if scale <= 1.0 {
+                        1.0
+                    } else {
+                        0.1 * m * scale.ln() + 1.0
+                    }
+                };
                 attention_scaling = match (attention_factor, mscale, mscale_all_dim) {
                     (Some(a), _, _) => *a,
-                    (None, Some(m), Some(ma)) if *m != 0.0 && *ma != 0.0 => get_mscale(*factor, *m) / get_mscale(*factor, *ma),
+                    (None, Some(m), Some(ma)) if *m != 0.0 && *ma != 0.0 => {
+                        get_mscale(*factor, *m) / get_mscale(*factor, *ma)
+                    }
                     _ => get_mscale(*factor, 1.0),
                 } as f32;
                 let correction_dim = |rot: f64| {
-                    (dim as f64 * (*original_max_position_embeddings as f64 / (rot * 2.0 * std::f64::consts::PI)).ln())
+                    (dim as f64
+                        * (*original_max_position_embeddings as f64
+                            / (rot * 2.0 * std::f64::consts::PI))
+                            .ln())
                         / (2.0 * base.ln())
                 };
                 let (mut low, mut high) = (correction_dim(*beta_fast), correction_dim(*beta_slow));
@@ -151,7 +198,8 @@ impl RotaryEmbedding {
                         let interpolation = 1.0 / (*factor as f32 * pos_freq);
                         let ramp = ((i as f32 - low) / (high - low)).clamp(0.0, 1.0);
                         let extrapolation_factor = 1.0 - ramp;
-                        interpolation * (1.0 - extrapolation_factor) + extrapolation * extrapolation_factor
+                        interpolation * (1.0 - extrapolation_factor)
+                            + extrapolation * extrapolation_factor
                     })
                     .collect()
             }
@@ -159,13 +207,28 @@ impl RotaryEmbedding {
                 if f.len() != dim / 2 {
                     return Err(NnError::Config {
                         what: "rope freq factors",
-                        reason: format!("{} factors for head_dim {dim} (need {})", f.len(), dim / 2),
+                        reason: format!(
+                            "{} factors for head_dim {dim} (need {})",
+                            f.len(),
+                            dim / 2
+                        ),
                     });
                 }
-                default_inv_freq(base, dim).iter().zip(f).map(|(a, b)| a / b).collect()
+                default_inv_freq(base, dim)
+                    .iter()
+                    .zip(f)
+                    .map(|(a, b)| a / b)
+                    .collect()
             }
         };
-        Ok(Self { head_dim, base, inv_freq, attention_scaling, scaling, layout })
+        Ok(Self {
+            head_dim,
+            base,
+            inv_freq,
+            attention_scaling,
+            scaling,
+            layout,
+        })
     }
 
     pub fn inv_freq(&self) -> &[f32] {
@@ -184,12 +247,16 @@ impl RotaryEmbedding {
     pub fn cos_sin(&self, start: usize, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
         let dynamic;
         let inv_freq: &[f32] = match self.scaling {
-            RopeScaling::DynamicNtk { factor, max_position_embeddings } if start + len > max_position_embeddings => {
+            RopeScaling::DynamicNtk {
+                factor,
+                max_position_embeddings,
+            } if start + len > max_position_embeddings => {
                 // transformers recomputes the base from the current length (max position + 1).
                 let seq_len = (start + len) as f64;
                 let mpe = max_position_embeddings as f64;
                 let d = self.head_dim as f64;
-                let base = self.base * ((factor * seq_len / mpe) - (factor - 1.0)).powf(d / (d - 2.0));
+                let base =
+                    self.base * ((factor * seq_len / mpe) - (factor - 1.0)).powf(d / (d - 2.0));
                 dynamic = default_inv_freq(base, self.head_dim);
                 &dynamic
             }
@@ -222,7 +289,10 @@ impl RotaryEmbedding {
 
 fn check_factor(factor: f64) -> Result<()> {
     if !(factor >= 1.0) || !factor.is_finite() {
-        return Err(NnError::Config { what: "rope scaling", reason: format!("factor {factor} must be >= 1") });
+        return Err(NnError::Config {
+            what: "rope scaling",
+            reason: format!("factor {factor} must be >= 1"),
+        });
     }
     Ok(())
 }

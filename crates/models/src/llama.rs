@@ -1,0 +1,781 @@
+//! The LLaMA family of decoders, by config: Llama 1/2/3, Mistral, Qwen2, SmolLM.
+//!
+//! Paper: Touvron et al. 2023, "LLaMA: Open and Efficient Foundation Language Models" (pre-norm
+//! RMSNorm, SwiGLU MLP, rotary embeddings, no biases); Llama 2 adds grouped-query attention,
+//! Mistral a sliding attention window, Qwen2 q/k/v biases.
+//! Reference implementation: Hugging Face transformers `models/llama/modeling_llama.py` (and its
+//! `mistral`, `qwen2` siblings), against which `tests/parity.rs` checks logits.
+//!
+//! How we differ:
+//! - One file covers the family; the differences are [`Config`] fields, never new model types.
+//! - GGUF weights stay quantized and are multiplied by candle's quantized kernels, which quantize
+//!   activations to 8 bits (as llama.cpp does), so logits differ slightly from f32 transformers.
+//! - GGUF llama files store Q/K rows permuted to Meta's interleaved RoPE layout; instead of
+//!   un-permuting them (as transformers' GGUF loader does) we rotate interleaved pairs, which
+//!   gives the same attention scores (see `kiln_nn::RopeLayout`).
+//! - The KV cache is kept whole even with a sliding window (the mask hides old positions).
+//! - Computation is f32 on the CPU; F16/BF16 checkpoints are widened on load.
+
+// `!(x > y)` is deliberate: it also rejects NaN (and mirrors torch's `~(a < b)` in rope).
+#![allow(clippy::neg_cmp_op_on_partial_ord)]
+
+use crate::{ModelError, Result};
+use kiln_nn::candle_core::{DType, Device, Tensor, D};
+use kiln_nn::{
+    causal_attention, Embedding, GgufMetadata, KvCache, Linear, RmsNorm, RopeLayout, RopeScaling,
+    RotaryEmbedding, SwiGlu, Weights,
+};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// The checked runtime configuration, built from a Hugging Face `config.json` ([`HfConfig`]) or
+/// from GGUF metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    /// Key/value heads: `num_heads` for MHA, fewer for GQA, 1 for MQA.
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    /// The context window: the most positions one sequence may hold.
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// Biases on the q, k, v projections (Qwen2; Llama with `attention_bias`).
+    pub qkv_bias: bool,
+    /// Bias on the output projection (Llama with `attention_bias`).
+    pub o_bias: bool,
+    /// Biases on the MLP projections (Llama with `mlp_bias`).
+    pub mlp_bias: bool,
+    /// Keys older than this many positions are hidden (Mistral, Qwen2 with `use_sliding_window`).
+    pub sliding_window: Option<usize>,
+    /// The first layer that uses the sliding window (Qwen2's `max_window_layers`; 0 for Mistral).
+    pub sliding_window_from_layer: usize,
+}
+
+impl Config {
+    /// SmolLM2-135M (the `smollm2` asset).
+    pub fn smollm2_135m() -> Self {
+        Self {
+            vocab_size: 49152,
+            hidden_size: 576,
+            intermediate_size: 1536,
+            num_layers: 30,
+            num_heads: 9,
+            num_kv_heads: 3,
+            head_dim: 64,
+            rms_norm_eps: 1e-5,
+            rope_theta: 100_000.0,
+            rope_scaling: RopeScaling::None,
+            max_position_embeddings: 8192,
+            tie_word_embeddings: true,
+            qkv_bias: false,
+            o_bias: false,
+            mlp_bias: false,
+            sliding_window: None,
+            sliding_window_from_layer: 0,
+        }
+    }
+
+    /// Rejects configs the model cannot run, with the offending values.
+    pub fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(ModelError::Config(m));
+        if self.vocab_size == 0
+            || self.hidden_size == 0
+            || self.intermediate_size == 0
+            || self.num_layers == 0
+        {
+            return bad(format!(
+                "vocab_size {}, hidden_size {}, intermediate_size {} and num_layers {} must all be positive",
+                self.vocab_size, self.hidden_size, self.intermediate_size, self.num_layers
+            ));
+        }
+        if self.num_heads == 0
+            || self.num_kv_heads == 0
+            || !self.num_heads.is_multiple_of(self.num_kv_heads)
+        {
+            return bad(format!(
+                "num_heads {} must be a positive multiple of num_kv_heads {}",
+                self.num_heads, self.num_kv_heads
+            ));
+        }
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
+            return bad(format!(
+                "head_dim {} must be even and positive",
+                self.head_dim
+            ));
+        }
+        if !(self.rms_norm_eps > 0.0) {
+            return bad(format!(
+                "rms_norm_eps {} must be positive",
+                self.rms_norm_eps
+            ));
+        }
+        if self.max_position_embeddings == 0 {
+            return bad("max_position_embeddings must be positive".into());
+        }
+        if self.sliding_window == Some(0) {
+            return bad("sliding_window must be positive".into());
+        }
+        Ok(())
+    }
+
+    fn window_for_layer(&self, i: usize) -> Option<usize> {
+        self.sliding_window
+            .filter(|_| i >= self.sliding_window_from_layer)
+    }
+
+    /// Reads `{arch}.*` keys of a GGUF file (llama.cpp's names). The vocabulary size and tied
+    /// embeddings come from the tensors themselves.
+    fn from_gguf(meta: &GgufMetadata<'_>, weights: &Weights) -> Result<(Self, RopeLayout)> {
+        let arch = meta.string("general.architecture")?;
+        // llama.cpp's converter permutes Q/K rows of `llama` models to the interleaved layout;
+        // qwen2 is stored in the Hugging Face layout ("NEOX" rope in ggml's words).
+        let layout = match arch {
+            "llama" | "mistral" => RopeLayout::Interleaved,
+            "qwen2" => RopeLayout::HalfSplit,
+            other => {
+                return Err(ModelError::Config(format!(
+                "GGUF architecture `{other}` is not supported (kiln runs llama, mistral and qwen2)"
+            )))
+            }
+        };
+        let k = |s: &str| format!("{arch}.{s}");
+        let hidden_size = meta.usize(&k("embedding_length"))?;
+        let num_heads = meta.usize(&k("attention.head_count"))?;
+        let num_kv_heads = meta
+            .opt_usize(&k("attention.head_count_kv"))?
+            .unwrap_or(num_heads);
+        let head_dim = match meta.opt_usize(&k("attention.key_length"))? {
+            Some(d) => d,
+            None if num_heads > 0 => hidden_size / num_heads,
+            None => 0,
+        };
+        let vocab_size = match weights.shape("token_embd.weight") {
+            Some(s) if s.len() == 2 => s[0],
+            _ => meta.usize(&k("vocab_size"))?,
+        };
+        let max_pos = meta.usize(&k("context_length"))?;
+        let rope_scaling = match meta.opt_string(&k("rope.scaling.type"))? {
+            None | Some("none") => RopeScaling::None,
+            Some("linear") => RopeScaling::Linear {
+                factor: meta.opt_f64(&k("rope.scaling.factor"))?.unwrap_or(1.0),
+            },
+            Some("yarn") => RopeScaling::Yarn {
+                factor: meta.opt_f64(&k("rope.scaling.factor"))?.unwrap_or(1.0),
+                original_max_position_embeddings: meta
+                    .opt_usize(&k("rope.scaling.original_context_length"))?
+                    .unwrap_or(max_pos),
+                attention_factor: None,
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+                mscale: None,
+                mscale_all_dim: None,
+                truncate: true,
+            },
+            Some(other) => {
+                return Err(ModelError::Config(format!(
+                    "unsupported rope scaling `{other}` in GGUF"
+                )))
+            }
+        };
+        let cfg = Self {
+            vocab_size,
+            hidden_size,
+            intermediate_size: meta.usize(&k("feed_forward_length"))?,
+            num_layers: meta.usize(&k("block_count"))?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            rms_norm_eps: meta
+                .opt_f64(&k("attention.layer_norm_rms_epsilon"))?
+                .unwrap_or(1e-5),
+            rope_theta: meta.opt_f64(&k("rope.freq_base"))?.unwrap_or(10_000.0),
+            rope_scaling,
+            max_position_embeddings: max_pos,
+            tie_word_embeddings: !weights.contains("output.weight"),
+            qkv_bias: weights.contains("blk.0.attn_q.bias"),
+            o_bias: weights.contains("blk.0.attn_output.bias"),
+            mlp_bias: weights.contains("blk.0.ffn_up.bias"),
+            sliding_window: meta
+                .opt_usize(&k("attention.sliding_window"))?
+                .filter(|&w| w > 0),
+            sliding_window_from_layer: 0,
+        };
+        Ok((cfg, layout))
+    }
+}
+
+/// `config.json` as Hugging Face writes it for `llama`, `mistral` and `qwen2` models (both the
+/// legacy `rope_theta` + `rope_scaling` keys and transformers 5's `rope_parameters`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct HfConfig {
+    #[serde(default)]
+    pub model_type: Option<String>,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default)]
+    pub hidden_act: Option<String>,
+    #[serde(default)]
+    pub rms_norm_eps: Option<f64>,
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub rope_scaling: Option<HfRope>,
+    #[serde(default)]
+    pub rope_parameters: Option<HfRope>,
+    #[serde(default)]
+    pub max_position_embeddings: Option<usize>,
+    #[serde(default)]
+    pub tie_word_embeddings: Option<bool>,
+    #[serde(default)]
+    pub attention_bias: Option<bool>,
+    #[serde(default)]
+    pub mlp_bias: Option<bool>,
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    #[serde(default)]
+    pub use_sliding_window: Option<bool>,
+    #[serde(default)]
+    pub max_window_layers: Option<usize>,
+}
+
+/// `rope_scaling` / `rope_parameters` of `config.json`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct HfRope {
+    #[serde(default)]
+    pub rope_type: Option<String>,
+    #[serde(default, rename = "type")]
+    pub legacy_type: Option<String>,
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub factor: Option<f64>,
+    #[serde(default)]
+    pub original_max_position_embeddings: Option<usize>,
+    #[serde(default)]
+    pub low_freq_factor: Option<f64>,
+    #[serde(default)]
+    pub high_freq_factor: Option<f64>,
+    #[serde(default)]
+    pub attention_factor: Option<f64>,
+    #[serde(default)]
+    pub beta_fast: Option<f64>,
+    #[serde(default)]
+    pub beta_slow: Option<f64>,
+    #[serde(default)]
+    pub mscale: Option<f64>,
+    #[serde(default)]
+    pub mscale_all_dim: Option<f64>,
+    #[serde(default)]
+    pub truncate: Option<bool>,
+}
+
+impl HfRope {
+    fn scaling(&self, max_pos: usize) -> Result<RopeScaling> {
+        let kind = self
+            .rope_type
+            .as_deref()
+            .or(self.legacy_type.as_deref())
+            .unwrap_or("default");
+        let factor = || {
+            self.factor.ok_or_else(|| {
+                ModelError::Config(format!("rope scaling `{kind}` needs a `factor`"))
+            })
+        };
+        Ok(match kind {
+            "default" => RopeScaling::None,
+            "linear" => RopeScaling::Linear { factor: factor()? },
+            "dynamic" => RopeScaling::DynamicNtk {
+                factor: factor()?,
+                max_position_embeddings: max_pos,
+            },
+            "yarn" => {
+                let original = self.original_max_position_embeddings.unwrap_or(max_pos);
+                RopeScaling::Yarn {
+                    factor: self.factor.unwrap_or(max_pos as f64 / original as f64),
+                    original_max_position_embeddings: original,
+                    attention_factor: self.attention_factor,
+                    beta_fast: self.beta_fast.unwrap_or(32.0),
+                    beta_slow: self.beta_slow.unwrap_or(1.0),
+                    mscale: self.mscale,
+                    mscale_all_dim: self.mscale_all_dim,
+                    truncate: self.truncate.unwrap_or(true),
+                }
+            }
+            "llama3" => RopeScaling::Llama3 {
+                factor: factor()?,
+                low_freq_factor: self.low_freq_factor.unwrap_or(1.0),
+                high_freq_factor: self.high_freq_factor.unwrap_or(4.0),
+                original_max_position_embeddings: self
+                    .original_max_position_embeddings
+                    .ok_or_else(|| {
+                        ModelError::Config(
+                            "llama3 rope scaling needs `original_max_position_embeddings`".into(),
+                        )
+                    })?,
+            },
+            other => {
+                return Err(ModelError::Config(format!(
+                    "unsupported rope scaling `{other}`"
+                )))
+            }
+        })
+    }
+}
+
+impl TryFrom<&HfConfig> for Config {
+    type Error = ModelError;
+
+    fn try_from(c: &HfConfig) -> Result<Self> {
+        let model_type = c.model_type.as_deref().unwrap_or("llama");
+        if !matches!(model_type, "llama" | "mistral" | "qwen2") {
+            return Err(ModelError::Config(format!(
+                "model_type `{model_type}` is not supported (kiln runs llama, mistral and qwen2)"
+            )));
+        }
+        if let Some(act) = c.hidden_act.as_deref().filter(|a| *a != "silu") {
+            return Err(ModelError::Config(format!(
+                "hidden_act `{act}` is not supported (only silu)"
+            )));
+        }
+        let max_pos = c.max_position_embeddings.unwrap_or(2048);
+        let rope = c.rope_parameters.as_ref().or(c.rope_scaling.as_ref());
+        let rope_theta = c
+            .rope_theta
+            .or(c.rope_parameters.as_ref().and_then(|r| r.rope_theta))
+            .unwrap_or(10_000.0);
+        let rope_scaling = match rope {
+            Some(r) => r.scaling(max_pos)?,
+            None => RopeScaling::None,
+        };
+        let attention_bias = c.attention_bias.unwrap_or(false);
+        // transformers: Mistral windows every layer; Qwen2 only when `use_sliding_window`, from
+        // layer `max_window_layers` on; Llama never.
+        let (sliding_window, from_layer) = match model_type {
+            "mistral" => (c.sliding_window, 0),
+            "qwen2" if c.use_sliding_window == Some(true) => {
+                (c.sliding_window, c.max_window_layers.unwrap_or(0))
+            }
+            _ => (None, 0),
+        };
+        let cfg = Config {
+            vocab_size: c.vocab_size,
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size,
+            num_layers: c.num_hidden_layers,
+            num_heads: c.num_attention_heads,
+            num_kv_heads: c.num_key_value_heads.unwrap_or(c.num_attention_heads),
+            head_dim: c.head_dim.unwrap_or(
+                c.hidden_size
+                    .checked_div(c.num_attention_heads)
+                    .unwrap_or(0),
+            ),
+            rms_norm_eps: c.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: max_pos,
+            tie_word_embeddings: c.tie_word_embeddings.unwrap_or(false),
+            qkv_bias: model_type == "qwen2" || attention_bias,
+            o_bias: model_type == "llama" && attention_bias,
+            mlp_bias: model_type == "llama" && c.mlp_bias.unwrap_or(false),
+            sliding_window,
+            sliding_window_from_layer: from_layer,
+        };
+        cfg.check()?;
+        Ok(cfg)
+    }
+}
+
+/// One decoder layer: pre-norm attention and pre-norm SwiGLU, each added to the residual stream.
+#[derive(Debug, Clone)]
+struct Block {
+    attn_norm: RmsNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    mlp_norm: RmsNorm,
+    mlp: SwiGlu,
+    window: Option<usize>,
+}
+
+impl Block {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cfg: &Config,
+        rope: &RotaryEmbedding,
+        cos_sin: &(Tensor, Tensor),
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3().map_err(nn("block dims"))?;
+        let h = self.attn_norm.forward(x)?;
+        let heads = |lin: &Linear, n: usize| -> Result<Tensor> {
+            // (B, T, n * D) -> (B, n, T, D)
+            lin.forward(&h)?
+                .reshape((b, t, n, cfg.head_dim))
+                .and_then(|y| y.transpose(1, 2))
+                .map_err(nn("split heads"))
+        };
+        let q = rope.apply(&heads(&self.q, cfg.num_heads)?, &cos_sin.0, &cos_sin.1)?;
+        let k = rope.apply(&heads(&self.k, cfg.num_kv_heads)?, &cos_sin.0, &cos_sin.1)?;
+        let v = heads(&self.v, cfg.num_kv_heads)?;
+        let (k, v) = cache.append(layer, &k, &v)?;
+        let att = causal_attention(&q, &k, &v, self.window)?; // (B, H, T, D)
+        let att = att
+            .transpose(1, 2)
+            .and_then(|a| a.reshape((b, t, cfg.num_heads * cfg.head_dim)))
+            .map_err(nn("merge heads"))?;
+        let x = (x + self.o.forward(&att)?).map_err(nn("attention residual"))?;
+        let m = self.mlp.forward(&self.mlp_norm.forward(&x)?)?;
+        (x + m).map_err(nn("mlp residual"))
+    }
+}
+
+fn nn(op: &'static str) -> impl Fn(kiln_nn::candle_core::Error) -> ModelError {
+    move |source| ModelError::Nn(kiln_nn::NnError::Candle { op, source })
+}
+
+/// A LLaMA-family decoder with its weights.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    cfg: Config,
+    embed: Embedding,
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: RotaryEmbedding,
+    device: Device,
+}
+
+/// Which naming scheme the weight source uses.
+#[derive(Clone, Copy)]
+enum Naming {
+    Hf,
+    Gguf,
+}
+
+impl Llama {
+    /// Loads a `.gguf` file or a Hugging Face folder (`config.json` + `*.safetensors`).
+    pub fn load(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            return Self::load_hf_dir(path);
+        }
+        let is_gguf = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+            || has_gguf_magic(path);
+        if is_gguf {
+            Self::load_gguf(path)
+        } else if path.file_name().is_some_and(|n| n == "config.json") {
+            Self::load_hf_dir(path.parent().unwrap_or(Path::new(".")))
+        } else {
+            Err(ModelError::UnknownFormat(path.to_path_buf()))
+        }
+    }
+
+    /// Loads a GGUF file (v2 or v3), keeping quantized tensors quantized.
+    pub fn load_gguf(path: &Path) -> Result<Self> {
+        Self::load_gguf_with(path, false)
+    }
+
+    /// Loads a GGUF file; with `dequantize` every weight becomes dense f32 (the reference path
+    /// that parity tests compare with transformers, which also dequantizes).
+    pub fn load_gguf_with(path: &Path, dequantize: bool) -> Result<Self> {
+        let mut w = Weights::open_gguf(path)?;
+        w.set_dequantize(dequantize);
+        let meta = w
+            .gguf_metadata()
+            .ok_or_else(|| ModelError::UnknownFormat(path.to_path_buf()))?;
+        let (mut cfg, layout) = Config::from_gguf(&meta, &w)?;
+        cfg.check()?;
+        // llama.cpp stores Llama 3's rope scaling as per-frequency divisors.
+        if w.contains("rope_freqs.weight") {
+            let f = w.tensor("rope_freqs.weight", &[cfg.head_dim / 2])?;
+            let f = f.to_vec1::<f32>().map_err(nn("rope_freqs"))?;
+            cfg.rope_scaling = RopeScaling::FreqFactors(f);
+        }
+        Self::from_weights(&mut w, cfg, layout, Naming::Gguf)
+    }
+
+    /// Loads a Hugging Face folder: `config.json` and either `model.safetensors.index.json` with
+    /// its shards or every `*.safetensors` file in the folder.
+    pub fn load_hf_dir(dir: &Path) -> Result<Self> {
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|source| ModelError::Io {
+            path: cfg_path.clone(),
+            source,
+        })?;
+        let hf: HfConfig = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+            path: cfg_path,
+            source,
+        })?;
+        let cfg = Config::try_from(&hf)?;
+        let files = safetensors_files(dir)?;
+        let mut w = Weights::open_safetensors(&files)?;
+        Self::from_weights(&mut w, cfg, RopeLayout::HalfSplit, Naming::Hf)
+    }
+
+    /// Builds the model from a weight source; the only place checkpoint names appear.
+    fn from_weights(
+        w: &mut Weights,
+        cfg: Config,
+        layout: RopeLayout,
+        naming: Naming,
+    ) -> Result<Self> {
+        let (h, d, ff) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
+        let (qn, kvn) = (cfg.num_heads * d, cfg.num_kv_heads * d);
+        let names: fn(usize, &str) -> String = match naming {
+            Naming::Hf => |i, part| {
+                let p = match part {
+                    "attn_norm" => "input_layernorm",
+                    "q" => "self_attn.q_proj",
+                    "k" => "self_attn.k_proj",
+                    "v" => "self_attn.v_proj",
+                    "o" => "self_attn.o_proj",
+                    "mlp_norm" => "post_attention_layernorm",
+                    "gate" => "mlp.gate_proj",
+                    "up" => "mlp.up_proj",
+                    _ => "mlp.down_proj",
+                };
+                format!("model.layers.{i}.{p}")
+            },
+            Naming::Gguf => |i, part| {
+                let p = match part {
+                    "attn_norm" => "attn_norm",
+                    "q" => "attn_q",
+                    "k" => "attn_k",
+                    "v" => "attn_v",
+                    "o" => "attn_output",
+                    "mlp_norm" => "ffn_norm",
+                    "gate" => "ffn_gate",
+                    "up" => "ffn_up",
+                    _ => "ffn_down",
+                };
+                format!("blk.{i}.{p}")
+            },
+        };
+        let (embed_name, norm_name, head_name) = match naming {
+            Naming::Hf => (
+                "model.embed_tokens.weight",
+                "model.norm.weight",
+                "lm_head.weight",
+            ),
+            Naming::Gguf => ("token_embd.weight", "output_norm.weight", "output.weight"),
+        };
+        let linear = |w: &mut Weights,
+                      i: usize,
+                      part: &str,
+                      bias: bool,
+                      out_in: (usize, usize)|
+         -> Result<Linear> {
+            let base = names(i, part);
+            let b = format!("{base}.bias");
+            Ok(w.linear(
+                &format!("{base}.weight"),
+                bias.then_some(b.as_str()),
+                out_in,
+            )?)
+        };
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let q = linear(w, i, "q", cfg.qkv_bias, (qn, h))?;
+            let k = linear(w, i, "k", cfg.qkv_bias, (kvn, h))?;
+            let v = linear(w, i, "v", cfg.qkv_bias, (kvn, h))?;
+            let o = linear(w, i, "o", cfg.o_bias, (h, qn))?;
+            let gate = linear(w, i, "gate", cfg.mlp_bias, (ff, h))?;
+            let up = linear(w, i, "up", cfg.mlp_bias, (ff, h))?;
+            let down = linear(w, i, "down", cfg.mlp_bias, (h, ff))?;
+            layers.push(Block {
+                attn_norm: RmsNorm::new(
+                    w.tensor(&format!("{}.weight", names(i, "attn_norm")), &[h])?,
+                    cfg.rms_norm_eps,
+                )?,
+                q,
+                k,
+                v,
+                o,
+                mlp_norm: RmsNorm::new(
+                    w.tensor(&format!("{}.weight", names(i, "mlp_norm")), &[h])?,
+                    cfg.rms_norm_eps,
+                )?,
+                mlp: SwiGlu { gate, up, down },
+                window: cfg.window_for_layer(i),
+            });
+        }
+        let embed = w.embedding(embed_name, (cfg.vocab_size, h))?;
+        let norm = RmsNorm::new(w.tensor(norm_name, &[h])?, cfg.rms_norm_eps)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.as_linear()?
+        } else {
+            w.linear(head_name, None, (cfg.vocab_size, h))?
+        };
+        let rope = RotaryEmbedding::new(d, cfg.rope_theta, cfg.rope_scaling.clone(), layout)?;
+        Ok(Self {
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            device: w.device().clone(),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// An empty KV cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.cfg.num_layers)
+    }
+
+    /// Logits at the last position: `input_ids` (B, T) u32 at positions `start_pos..start_pos + T`
+    /// (the cache must hold exactly `start_pos` positions) -> (B, vocab).
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        start_pos: usize,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let x = self.hidden(input_ids, start_pos, cache)?;
+        let t = x.dim(1).map_err(nn("dims"))?;
+        let last = x.narrow(1, t - 1, 1).map_err(nn("last position"))?;
+        self.lm_head
+            .forward(&last)?
+            .squeeze(1)
+            .map_err(nn("squeeze"))
+    }
+
+    /// Logits at every position: (B, T) -> (B, T, vocab).
+    pub fn forward_all(
+        &self,
+        input_ids: &Tensor,
+        start_pos: usize,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let x = self.hidden(input_ids, start_pos, cache)?;
+        Ok(self.lm_head.forward(&x)?)
+    }
+
+    /// Convenience for one sequence: ids at `start_pos..` -> last-position logits as a vector.
+    pub fn logits_last(
+        &self,
+        ids: &[u32],
+        start_pos: usize,
+        cache: &mut KvCache,
+    ) -> Result<Vec<f32>> {
+        let t = Tensor::from_slice(ids, (1, ids.len()), &self.device).map_err(nn("ids"))?;
+        self.forward(&t, start_pos, cache)?
+            .squeeze(0)
+            .and_then(|l| l.to_vec1::<f32>())
+            .map_err(nn("logits"))
+    }
+
+    /// The final hidden states after the last norm, (B, T, hidden).
+    fn hidden(&self, input_ids: &Tensor, start_pos: usize, cache: &mut KvCache) -> Result<Tensor> {
+        let (_, t) = input_ids.dims2().map_err(nn("input_ids must be (B, T)"))?;
+        if t == 0 {
+            return Err(ModelError::Config(
+                "forward needs at least one token".into(),
+            ));
+        }
+        if cache.len() != start_pos {
+            return Err(ModelError::CacheMismatch {
+                start_pos,
+                cached: cache.len(),
+            });
+        }
+        if start_pos + t > self.cfg.max_position_embeddings {
+            return Err(ModelError::ContextOverflow {
+                needed: start_pos + t,
+                max: self.cfg.max_position_embeddings,
+            });
+        }
+        let ids = input_ids.to_dtype(DType::U32).map_err(nn("ids to u32"))?;
+        let max_id = ids
+            .flatten_all()
+            .and_then(|f| f.max(D::Minus1))
+            .and_then(|m| m.to_scalar::<u32>())
+            .map_err(nn("max id"))?;
+        if max_id as usize >= self.cfg.vocab_size {
+            return Err(ModelError::TokenOutOfRange {
+                id: max_id,
+                vocab: self.cfg.vocab_size,
+            });
+        }
+        let mut x = self.embed.forward(&ids)?; // (B, T, hidden)
+        let cos_sin = self.rope.cos_sin(start_pos, t, &self.device)?;
+        // A failing layer leaves entries past `cache.len()` in the layers before it; they are
+        // overwritten by the next forward pass because `len` only moves after the last layer.
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, &self.cfg, &self.rope, &cos_sin, cache, i)?;
+        }
+        cache.advance(t);
+        Ok(self.norm.forward(&x)?)
+    }
+}
+
+fn has_gguf_magic(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == b"GGUF"
+}
+
+/// The safetensors files of a Hugging Face folder, sharded (via the index) or not.
+fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        #[derive(Deserialize)]
+        struct Index {
+            weight_map: std::collections::BTreeMap<String, String>,
+        }
+        let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
+            path: index.clone(),
+            source,
+        })?;
+        let idx: Index = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+            path: index.clone(),
+            source,
+        })?;
+        let mut files: Vec<PathBuf> = idx.weight_map.values().map(|f| dir.join(f)).collect();
+        files.sort();
+        files.dedup();
+        return Ok(files);
+    }
+    let rd = std::fs::read_dir(dir).map_err(|source| ModelError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut files: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(ModelError::UnknownFormat(dir.to_path_buf()));
+    }
+    Ok(files)
+}
