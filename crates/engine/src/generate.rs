@@ -20,6 +20,11 @@ pub trait LanguageModel {
         start_pos: usize,
         cache: &mut Self::Cache,
     ) -> Result<Vec<f32>>;
+    /// Forgets cached positions from `len` on. Returns `false` if the cache cannot rewind, in
+    /// which case the session starts over with a fresh cache.
+    fn truncate_cache(&self, _cache: &mut Self::Cache, _len: usize) -> bool {
+        false
+    }
 }
 
 impl LanguageModel for Llama {
@@ -40,6 +45,11 @@ impl LanguageModel for Llama {
         cache: &mut KvCache,
     ) -> Result<Vec<f32>> {
         Ok(self.logits_last(tokens, start_pos, cache)?)
+    }
+
+    fn truncate_cache(&self, cache: &mut KvCache, len: usize) -> bool {
+        cache.truncate(len);
+        true
     }
 }
 
@@ -95,6 +105,45 @@ impl<'m, M: LanguageModel> Session<'m, M> {
     /// Every token of the sequence so far.
     pub fn tokens(&self) -> &[u32] {
         &self.tokens
+    }
+
+    /// Positions the KV cache holds (the tokens after them are fed on the next call).
+    pub fn cached(&self) -> usize {
+        self.fed
+    }
+
+    /// Forgets the whole sequence.
+    pub fn reset(&mut self) {
+        self.tokens.clear();
+        self.fed = 0;
+        if !self.model.truncate_cache(&mut self.cache, 0) {
+            self.cache = self.model.new_cache();
+        }
+    }
+
+    /// Makes the session hold exactly `tokens`, keeping the cached positions of the longest
+    /// common prefix, so that a chat re-rendered each turn prefills only what changed. At least
+    /// one token is left unfed so that [`Self::generate`] with an empty prompt has logits to
+    /// sample from. Returns how many cached positions were kept.
+    pub fn sync(&mut self, tokens: &[u32]) -> usize {
+        let common = self
+            .tokens
+            .iter()
+            .zip(tokens)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let keep = common.min(self.fed).min(tokens.len().saturating_sub(1));
+        if keep < self.fed {
+            if self.model.truncate_cache(&mut self.cache, keep) {
+                self.fed = keep;
+            } else {
+                self.cache = self.model.new_cache();
+                self.fed = 0;
+            }
+        }
+        self.tokens.clear();
+        self.tokens.extend_from_slice(tokens);
+        self.fed
     }
 
     /// Appends `prompt` and generates. `on_token` sees each new token as it is sampled and

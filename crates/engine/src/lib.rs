@@ -1,18 +1,28 @@
-//! The inference engine: generation with a KV cache and sampling; later batch scheduling over
-//! paged KV blocks and chat templates.
+//! The inference engine: generation with a KV cache and sampling, batched decoding, chat
+//! templates and stop strings; later batch scheduling over paged KV blocks.
 //!
-//! **Invariant:** the engine knows only token ids; text (prompts, stop strings, streaming decode)
-//! is the caller's business, through the tokenizer.
+//! **Invariant:** generation knows only token ids; tokenizing and decoding are the caller's
+//! business, through the tokenizer. The two text helpers here never see ids: [`ChatTemplate`]
+//! turns messages into prompt text, [`StopStrings`] watches the text the caller decoded.
 //!
 //! Main types: [`LanguageModel`] (what the engine needs from a model; implemented for
 //! [`kiln_models::Llama`] and by mock models in tests), [`SamplingParams`] / [`Sampler`] and
-//! [`Session`] (a conversation's tokens and KV cache, which [`Session::generate`] extends).
+//! [`Session`] (a conversation's tokens and KV cache, which [`Session::generate`] extends and
+//! [`Session::sync`] rewinds to the longest common prefix), [`generate_batch`] (several prompts
+//! of different lengths decoded together), [`ChatTemplate`] (text in, text out) and
+//! [`StopStrings`] (over the streamed text the caller decodes).
 
+mod batch;
+mod chat;
 mod generate;
 mod sampling;
+mod stop;
 
+pub use batch::{generate_batch, BatchLanguageModel};
+pub use chat::{ChatTemplate, Message};
 pub use generate::{GenerateOptions, Generation, LanguageModel, Session, StopReason};
 pub use sampling::{Sampler, SamplingParams};
+pub use stop::{Emit, StopStrings};
 
 /// Errors from this crate.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +43,12 @@ pub enum EngineError {
     /// The model produced logits that cannot be sampled from.
     #[error("the model produced {0} logits")]
     BadLogits(&'static str),
+    /// A chat template does not parse.
+    #[error("chat template syntax error: {0}")]
+    TemplateSyntax(String),
+    /// A chat template failed while rendering (including its own `raise_exception`).
+    #[error("chat template cannot render this conversation: {0}")]
+    TemplateRender(String),
     /// The model failed.
     #[error(transparent)]
     Model(#[from] kiln_models::ModelError),

@@ -6,7 +6,7 @@
 pub mod llama;
 
 pub use kiln_nn::KvCache;
-pub use llama::{Config, HfConfig, Llama};
+pub use llama::{chat_template, Config, HfConfig, Llama};
 
 use std::path::PathBuf;
 

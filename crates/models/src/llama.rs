@@ -22,8 +22,8 @@
 use crate::{ModelError, Result};
 use kiln_nn::candle_core::{DType, Device, Tensor, D};
 use kiln_nn::{
-    causal_attention, Embedding, GgufMetadata, KvCache, Linear, RmsNorm, RopeLayout, RopeScaling,
-    RotaryEmbedding, SwiGlu, Weights,
+    causal_attention_padded, Embedding, GgufMetadata, KvCache, Linear, RmsNorm, RopeLayout,
+    RopeScaling, RotaryEmbedding, SwiGlu, Weights,
 };
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -413,6 +413,8 @@ struct Block {
 }
 
 impl Block {
+    // The layer's inputs are all distinct things; a struct to bundle them would be used once.
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         x: &Tensor,
@@ -421,6 +423,7 @@ impl Block {
         cos_sin: &(Tensor, Tensor),
         cache: &mut KvCache,
         layer: usize,
+        pad: &[usize],
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3().map_err(nn("block dims"))?;
         let h = self.attn_norm.forward(x)?;
@@ -435,7 +438,7 @@ impl Block {
         let k = rope.apply(&heads(&self.k, cfg.num_kv_heads)?, &cos_sin.0, &cos_sin.1)?;
         let v = heads(&self.v, cfg.num_kv_heads)?;
         let (k, v) = cache.append(layer, &k, &v)?;
-        let att = causal_attention(&q, &k, &v, self.window)?; // (B, H, T, D)
+        let att = causal_attention_padded(&q, &k, &v, self.window, pad)?; // (B, H, T, D)
         let att = att
             .transpose(1, 2)
             .and_then(|a| a.reshape((b, t, cfg.num_heads * cfg.head_dim)))
@@ -657,7 +660,22 @@ impl Llama {
         start_pos: usize,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
-        let x = self.hidden(input_ids, start_pos, cache)?;
+        self.forward_padded(input_ids, start_pos, cache, &[])
+    }
+
+    /// [`Self::forward`] for a left-padded batch of sequences of different lengths: row `b`'s
+    /// first `pad[b]` positions are padding, hidden from its other positions here and in every
+    /// later call on the same cache. Positions are shifted right by the padding; RoPE scores
+    /// depend only on position differences, so each row's logits equal those of the row alone
+    /// up to rounding.
+    pub fn forward_padded(
+        &self,
+        input_ids: &Tensor,
+        start_pos: usize,
+        cache: &mut KvCache,
+        pad: &[usize],
+    ) -> Result<Tensor> {
+        let x = self.hidden(input_ids, start_pos, cache, pad)?;
         let t = x.dim(1).map_err(nn("dims"))?;
         let last = x.narrow(1, t - 1, 1).map_err(nn("last position"))?;
         self.lm_head
@@ -673,7 +691,7 @@ impl Llama {
         start_pos: usize,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
-        let x = self.hidden(input_ids, start_pos, cache)?;
+        let x = self.hidden(input_ids, start_pos, cache, &[])?;
         Ok(self.lm_head.forward(&x)?)
     }
 
@@ -692,7 +710,13 @@ impl Llama {
     }
 
     /// The final hidden states after the last norm, (B, T, hidden).
-    fn hidden(&self, input_ids: &Tensor, start_pos: usize, cache: &mut KvCache) -> Result<Tensor> {
+    fn hidden(
+        &self,
+        input_ids: &Tensor,
+        start_pos: usize,
+        cache: &mut KvCache,
+        pad: &[usize],
+    ) -> Result<Tensor> {
         let (_, t) = input_ids.dims2().map_err(nn("input_ids must be (B, T)"))?;
         if t == 0 {
             return Err(ModelError::Config(
@@ -728,11 +752,60 @@ impl Llama {
         // A failing layer leaves entries past `cache.len()` in the layers before it; they are
         // overwritten by the next forward pass because `len` only moves after the last layer.
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &self.cfg, &self.rope, &cos_sin, cache, i)?;
+            x = layer.forward(&x, &self.cfg, &self.rope, &cos_sin, cache, i, pad)?;
         }
         cache.advance(t);
         Ok(self.norm.forward(&x)?)
     }
+}
+
+/// The Jinja chat template a model carries, if any: GGUF metadata `tokenizer.chat_template`, or
+/// in a Hugging Face folder `chat_template.jinja` or `tokenizer_config.json`'s `chat_template`
+/// (a string, or a list of `{name, template}` from which `default` or the first is taken).
+pub fn chat_template(path: &Path) -> Result<Option<String>> {
+    let dir = if path.is_dir() {
+        Some(path)
+    } else if path.file_name().is_some_and(|n| n == "config.json") {
+        path.parent()
+    } else {
+        None
+    };
+    let Some(dir) = dir else {
+        let w = Weights::open_gguf(path)?;
+        let meta = w
+            .gguf_metadata()
+            .ok_or_else(|| ModelError::UnknownFormat(path.to_path_buf()))?;
+        return Ok(meta
+            .opt_string("tokenizer.chat_template")?
+            .map(str::to_string));
+    };
+    let read = |p: PathBuf| {
+        std::fs::read_to_string(&p).map_err(|source| ModelError::Io { path: p, source })
+    };
+    let jinja = dir.join("chat_template.jinja");
+    if jinja.is_file() {
+        return read(jinja).map(Some);
+    }
+    let cfg = dir.join("tokenizer_config.json");
+    if !cfg.is_file() {
+        return Ok(None);
+    }
+    let v: serde_json::Value = serde_json::from_str(&read(cfg.clone())?)
+        .map_err(|source| ModelError::Json { path: cfg, source })?;
+    Ok(match v.get("chat_template") {
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
+        Some(serde_json::Value::Array(list)) => {
+            let named = |want: Option<&str>| {
+                list.iter().find_map(|t| {
+                    let name = t.get("name").and_then(|n| n.as_str());
+                    let tmpl = t.get("template").and_then(|n| n.as_str())?;
+                    (want.is_none() || name == want).then(|| tmpl.to_string())
+                })
+            };
+            named(Some("default")).or_else(|| named(None))
+        }
+        _ => None,
+    })
 }
 
 fn has_gguf_magic(path: &Path) -> bool {

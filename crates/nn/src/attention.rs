@@ -5,6 +5,10 @@
 //! textbook way copies K and V `n_rep` times (`repeat_kv`, kept below as the oracle); the fast path
 //! instead folds the `n_rep` query heads of a group into the row axis, (B, H_kv, n_rep * T, D), so
 //! one batched matmul per group reads K and V once.
+//!
+//! Batches of sequences of different lengths are left-padded: [`causal_attention_padded`] hides
+//! row `b`'s first `pad[b]` key positions from its real queries. Padded queries still see
+//! themselves, so their (unused) outputs and cached keys stay finite instead of NaN.
 
 use crate::{NnError, OpContext, Result};
 use candle_core::{Device, Tensor, D};
@@ -29,6 +33,24 @@ fn needs_mask(t: usize, s: usize, window: Option<usize>) -> bool {
     t > 1 || window.is_some_and(|w| s > w)
 }
 
+/// The additive mask (B, T, S) of [`mask_values`] plus, for row `b`, its first `pad[b]` keys
+/// hidden from queries at positions `>= pad[b]`.
+fn padded_mask_values(t: usize, s: usize, window: Option<usize>, pad: &[usize]) -> Vec<f32> {
+    let base = mask_values(t, s, window);
+    let past = s - t;
+    let mut m = Vec::with_capacity(pad.len() * t * s);
+    for &p in pad {
+        let mut row = base.clone();
+        for i in 0..t {
+            if past + i >= p {
+                row[i * s..i * s + p.min(s)].fill(f32::NEG_INFINITY);
+            }
+        }
+        m.extend(row);
+    }
+    m
+}
+
 /// `q` (B, H_q, T, D) at positions `S - T ..S`; `k`, `v` (B, H_kv, S, D). Returns (B, H_q, T, D).
 pub fn causal_attention(
     q: &Tensor,
@@ -36,9 +58,29 @@ pub fn causal_attention(
     v: &Tensor,
     window: Option<usize>,
 ) -> Result<Tensor> {
+    causal_attention_padded(q, k, v, window, &[])
+}
+
+/// [`causal_attention`] for a left-padded batch: row `b`'s first `pad[b]` positions are padding
+/// (`pad` empty or all zeros: no padding).
+pub fn causal_attention_padded(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    window: Option<usize>,
+    pad: &[usize],
+) -> Result<Tensor> {
     let (b, hq, t, d) = q.dims4().op("attention q dims")?;
     let (_, hkv, s, _) = k.dims4().op("attention k dims")?;
     check_heads(hq, hkv, t, s)?;
+    let padded = pad.iter().any(|&p| p > 0);
+    if padded && pad.len() != b {
+        return Err(NnError::Shape {
+            op: "attention padding",
+            expected: format!("one pad count per row ({b})"),
+            got: pad.len().to_string(),
+        });
+    }
     let n_rep = hq / hkv;
     let scale = 1.0 / (d as f64).sqrt();
     // (B, H_kv, n_rep * T, D): query heads h*n_rep..(h+1)*n_rep share kv head h.
@@ -48,7 +90,22 @@ pub fn causal_attention(
         .reshape((b, hkv, n_rep * t, d))
         .op("gqa fold")?;
     let scores = (q.matmul(&k.t().op("k^T")?).op("q k^T")? * scale).op("scale")?; // (B, H_kv, n_rep*T, S)
-    let scores = if needs_mask(t, s, window) {
+    let scores = if padded {
+        // (B, 1, n_rep * T, S): each row's mask, repeated for the folded query heads.
+        let m = Tensor::from_vec(
+            padded_mask_values(t, s, window, pad),
+            (b, 1, t, s),
+            &Device::Cpu,
+        )
+        .op("mask")?
+        .repeat((1, n_rep, 1, 1))
+        .op("mask repeat")?
+        .reshape((b, 1, n_rep * t, s))
+        .op("mask reshape")?
+        .to_device(q.device())
+        .op("mask device")?;
+        scores.broadcast_add(&m).op("apply mask")?
+    } else if needs_mask(t, s, window) {
         let m = Tensor::from_vec(mask_values(t, s, window), (1, t, s), &Device::Cpu)
             .op("mask")?
             .repeat((n_rep, 1, 1))

@@ -10,6 +10,9 @@
 //! - [`Weights`]: the weight source (GGUF or safetensors) behind one interface, so a model's
 //!   `load` names tensors and never cares about the file format.
 //!
+//! - [`qkernels`]: kiln's own quantized matmul for Q4_0/Q4_1/Q8_0 GGUF blocks (runtime-detected
+//!   AVX2 / AVX-512 VNNI, with the scalar oracle), which `Linear` uses for those formats.
+//!
 //! Everything computes in f32 on the CPU; quantized weights stay quantized in memory.
 
 pub use candle_core;
@@ -20,10 +23,13 @@ mod kv_cache;
 mod linear;
 mod mlp;
 mod norm;
+pub mod qkernels;
 mod rope;
 mod weights;
 
-pub use attention::{causal_attention, causal_attention_reference, repeat_kv};
+pub use attention::{
+    causal_attention, causal_attention_padded, causal_attention_reference, repeat_kv,
+};
 pub use kv_cache::KvCache;
 pub use linear::{Embedding, Linear};
 pub use mlp::SwiGlu;

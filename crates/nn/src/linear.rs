@@ -1,13 +1,15 @@
 //! `Linear` and `Embedding`: dense or quantized weights behind one type.
 
+use crate::qkernels::{QFormat, QWeight};
 use crate::{OpContext, Result};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Module, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Tensor, D};
 use std::sync::Arc;
 
-/// `y = x W^T + b` with `W` of shape (out, in). The weight is either dense (f32) or quantized
-/// (GGUF blocks multiplied by candle's quantized kernels, which quantize the activations to
-/// 8 bits on the fly, as llama.cpp does).
+/// `y = x W^T + b` with `W` of shape (out, in). The weight is either dense (f32) or quantized:
+/// Q4_0, Q4_1 and Q8_0 GGUF blocks on the CPU go through kiln's own SIMD kernels
+/// ([`crate::qkernels`]); other block types (the K-quants) through candle's quantized kernels.
+/// Both quantize the activations to 8 bits on the fly, as llama.cpp does.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Weight,
@@ -20,6 +22,47 @@ pub struct Linear {
 enum Weight {
     Dense(Tensor),
     Quantized(QMatMul),
+    /// Q4_0 / Q4_1 / Q8_0 blocks multiplied by [`QWeight`]'s runtime-dispatched kernels. candle
+    /// 0.11.1 has no SIMD path for Q4_1 and uses its Q8_0 one only when built with target
+    /// features, so this is where decode time goes.
+    Blocks(Arc<QWeight>),
+}
+
+/// `x (..., k) -> x W^T (..., n)` on a contiguous f32 CPU tensor, as a candle op so the result is
+/// an ordinary tensor without copying the input.
+struct BlockMatMul(Arc<QWeight>);
+
+impl CustomOp1 for BlockMatMul {
+    fn name(&self) -> &'static str {
+        "kiln-block-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("kiln-block-matmul needs f32 input");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("kiln-block-matmul needs a contiguous input");
+        };
+        let (n, k) = self.0.dims();
+        let mut dims = layout.shape().dims().to_vec();
+        match dims.last_mut() {
+            Some(last) if *last == k => *last = n,
+            _ => candle_core::bail!(
+                "kiln-block-matmul: input {:?} does not end in {k}",
+                layout.shape()
+            ),
+        }
+        let y = self
+            .0
+            .matmul(&data[start..end])
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
 }
 
 impl Linear {
@@ -51,6 +94,20 @@ impl Linear {
             GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
                 Weight::Dense(weight.dequantize(&weight.device()).op("dequantize")?)
             }
+            GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0 if weight.device().is_cpu() => {
+                let format = match weight.dtype() {
+                    GgmlDType::Q4_0 => QFormat::Q4_0,
+                    GgmlDType::Q4_1 => QFormat::Q4_1,
+                    _ => QFormat::Q8_0,
+                };
+                let bytes = weight.data().op("quantized weight bytes")?;
+                let q = QWeight::from_gguf_bytes(format, out_features, in_features, &bytes)
+                    .map_err(|e| crate::NnError::Config {
+                        what: "quantized weight",
+                        reason: e.to_string(),
+                    })?;
+                Weight::Blocks(Arc::new(q))
+            }
             _ => Weight::Quantized(QMatMul::QTensor(weight)),
         };
         Ok(Self {
@@ -71,7 +128,7 @@ impl Linear {
 
     /// Whether the weight is kept in a block-quantized format.
     pub fn is_quantized(&self) -> bool {
-        matches!(self.weight, Weight::Quantized(_))
+        matches!(self.weight, Weight::Quantized(_) | Weight::Blocks(_))
     }
 
     /// The weight as a dense f32 tensor (dequantized if needed): the reference path for tests.
@@ -81,6 +138,10 @@ impl Linear {
             Weight::Quantized(QMatMul::QTensor(q)) => q.dequantize(&q.device()).op("dequantize"),
             Weight::Quantized(QMatMul::Tensor(w)) => Ok(w.clone()),
             Weight::Quantized(QMatMul::TensorF16(w)) => w.to_dtype(DType::F32).op("to f32"),
+            Weight::Blocks(q) => {
+                Tensor::from_vec(q.dequantize(), q.dims(), &candle_core::Device::Cpu)
+                    .op("dequantize blocks")
+            }
         }
     }
 
@@ -103,6 +164,11 @@ impl Linear {
                 let x = x.contiguous().op("qmatmul contiguous")?;
                 q.forward(&x).op("qmatmul")?
             }
+            Weight::Blocks(q) => x
+                .to_dtype(DType::F32)
+                .and_then(|x| x.contiguous())
+                .and_then(|x| x.apply_op1_no_bwd(&BlockMatMul(q.clone())))
+                .op("block matmul")?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b).op("linear bias"),

@@ -7,7 +7,10 @@
 
 use kiln_nn::candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use kiln_nn::candle_core::{DType, Device, Tensor};
-use kiln_nn::{causal_attention, causal_attention_reference, KvCache, Linear, NnError, Weights};
+use kiln_nn::{
+    causal_attention, causal_attention_padded, causal_attention_reference, KvCache, Linear,
+    NnError, Weights,
+};
 use std::sync::Arc;
 
 fn randn(shape: &[usize], seed: u64) -> Tensor {
@@ -131,6 +134,47 @@ fn gqa_attention_matches_repeat_kv_reference() {
             err < 1e-5,
             "hq={hq} hkv={hkv} t={t} s={s} window={window:?}: {err}"
         );
+    }
+}
+
+/// A left-padded row's real queries see exactly what they would see without the padding: its
+/// output equals plain causal attention over the row's unpadded keys.
+#[test]
+fn padded_attention_equals_each_row_unpadded() {
+    // (H_q, H_kv, T, S, window, pads): prefill, chunk with past, decode step, sliding window.
+    for (hq, hkv, t, s, window, pads) in [
+        (4, 2, 7, 7, None, vec![0, 3, 6]),
+        (6, 3, 3, 9, None, vec![2, 0, 5]),
+        (4, 1, 1, 12, None, vec![4, 11, 0]),
+        (4, 2, 5, 10, Some(3), vec![1, 6, 0]),
+    ] {
+        let (b, d) = (pads.len(), 8);
+        let q = randn(&[b, hq, t, d], 21);
+        let k = randn(&[b, hkv, s, d], 22);
+        let v = randn(&[b, hkv, s, d], 23);
+        let out = causal_attention_padded(&q, &k, &v, window, &pads).unwrap();
+        assert!(max_abs(&out).is_finite(), "padded queries stay finite");
+        for (row, &p) in pads.iter().enumerate() {
+            // Queries at positions s - t + i >= p are real.
+            let first = p.saturating_sub(s - t);
+            let n = t - first;
+            let one = |x: &Tensor, start: usize, len: usize| {
+                x.narrow(0, row, 1).unwrap().narrow(2, start, len).unwrap()
+            };
+            let alone = causal_attention(
+                &one(&q, first, n),
+                &one(&k, p, s - p),
+                &one(&v, p, s - p),
+                window,
+            )
+            .unwrap();
+            let got = one(&out, first, n);
+            let err = max_abs(&(got - alone).unwrap());
+            assert!(
+                err < 1e-5,
+                "row {row} pad {p} t={t} s={s} window={window:?}: {err}"
+            );
+        }
     }
 }
 
