@@ -33,6 +33,11 @@ const SUBCOMMANDS: &[&[&str]] = &[
     &["tokenizer", "decode"],
     &["tokenizer", "train"],
     &["tokenizer", "bench"],
+    &["generate"],
+    &["logits"],
+    &["chat"],
+    &["bench"],
+    &["bench", "generate"],
 ];
 
 #[test]
