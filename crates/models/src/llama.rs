@@ -8,8 +8,9 @@
 //!
 //! How we differ:
 //! - One file covers the family; the differences are [`Config`] fields, never new model types.
-//! - GGUF weights stay quantized and are multiplied by candle's quantized kernels, which quantize
-//!   activations to 8 bits (as llama.cpp does), so logits differ slightly from f32 transformers.
+//! - GGUF weights stay quantized: Q4_0/Q4_1/Q8_0 run on kiln-nn's own SIMD kernels, K-quants on
+//!   candle's. Both quantize activations to 8 bits (as llama.cpp does), so logits differ slightly
+//!   from f32 transformers.
 //! - GGUF llama files store Q/K rows permuted to Meta's interleaved RoPE layout; instead of
 //!   un-permuting them (as transformers' GGUF loader does) we rotate interleaved pairs, which
 //!   gives the same attention scores (see `kiln_nn::RopeLayout`).
