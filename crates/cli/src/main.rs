@@ -4,11 +4,16 @@
 mod assets_cmd;
 mod bench_generate;
 mod chat_cmd;
+mod data_cmd;
 mod generate_cmd;
 mod logits_cmd;
+mod plot;
 mod resolve;
 mod tokenizer_bench;
 mod tokenizer_cmd;
+mod train_cmd;
+mod speedrun_cmd;
+mod bench_train;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -41,6 +46,13 @@ enum Command {
     Logits(logits_cmd::LogitsArgs),
     /// Chat with a model in the terminal (one line per turn; Ctrl-C stops a reply).
     Chat(chat_cmd::ChatArgs),
+    /// Prepare pretraining data: text files to token shards.
+    #[command(subcommand)]
+    Data(data_cmd::DataCommand),
+    /// Pretrain a model on a prepared dataset (resumable, deterministic).
+    Train(train_cmd::TrainArgs),
+    /// The end-to-end speedrun: tokenizer, data, pretraining, evaluation, samples and a report.
+    Speedrun(speedrun_cmd::SpeedrunArgs),
     /// Benchmarks that run kiln and its peer side by side and print the ratios.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -50,6 +62,8 @@ enum Command {
 enum BenchCommand {
     /// Prompt processing and decode tok/s against llama.cpp's llama-bench on the same GGUF.
     Generate(bench_generate::BenchGenerateArgs),
+    /// Training tokens/s and peak memory against PyTorch eager on the same GPT-2-style model.
+    Train(bench_train::BenchTrainArgs),
 }
 
 fn init_tracing(verbose: u8) {
@@ -76,6 +90,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Logits(args) => logits_cmd::run(args),
         Command::Bench(BenchCommand::Generate(args)) => bench_generate::run(args),
         Command::Chat(args) => chat_cmd::run(args),
+        Command::Train(args) => train_cmd::run(args),
+        Command::Speedrun(args) => speedrun_cmd::run(args),
+        Command::Bench(BenchCommand::Train(args)) => bench_train::run(args),
+        Command::Data(cmd) => data_cmd::run(cmd),
     }
 }
 

@@ -23,11 +23,26 @@
 use crate::{ModelError, Result};
 use kiln_nn::candle_core::{DType, Device, Tensor, D};
 use kiln_nn::{
-    causal_attention_padded, Embedding, GgufMetadata, KvCache, Linear, RmsNorm, RopeLayout,
-    RopeScaling, RotaryEmbedding, SwiGlu, Weights,
+    causal_attention_padded, Embedding, GeluMlp, GgufMetadata, KvCache, LayerNorm, Linear,
+    MakeTensor, Mlp, Norm, RmsNorm, RopeLayout, RopeScaling, RotaryEmbedding, SwiGlu, Weights,
 };
 use serde::Deserialize;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+
+/// The two layouts of the decoder family. Everything else (sizes, heads, biases, windows) is a
+/// [`Config`] field of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Style {
+    /// LLaMA: RMSNorm, rotary positions, SwiGLU.
+    #[default]
+    Llama,
+    /// GPT-2 (Radford et al. 2019): LayerNorm with bias, learned absolute positions, a GELU MLP
+    /// (tanh approximation); biases follow the bias flags. In `config.json` it is
+    /// `"model_type": "kiln_gpt2"` with the llama keys and tensor names, plus
+    /// `model.embed_positions.weight`.
+    Gpt2,
+}
 
 /// The checked runtime configuration, built from a Hugging Face `config.json` ([`HfConfig`]) or
 /// from GGUF metadata.
@@ -57,6 +72,7 @@ pub struct Config {
     pub sliding_window: Option<usize>,
     /// The first layer that uses the sliding window (Qwen2's `max_window_layers`; 0 for Mistral).
     pub sliding_window_from_layer: usize,
+    pub style: Style,
 }
 
 impl Config {
@@ -80,6 +96,7 @@ impl Config {
             mlp_bias: false,
             sliding_window: None,
             sliding_window_from_layer: 0,
+            style: Style::Llama,
         }
     }
 
@@ -124,6 +141,45 @@ impl Config {
             return bad("sliding_window must be positive".into());
         }
         Ok(())
+    }
+
+    /// The `config.json` that [`Llama::load`] reads back as this config (for models kiln trains:
+    /// no rope scaling, no sliding window).
+    pub fn to_hf_json(&self) -> Result<serde_json::Value> {
+        if self.rope_scaling != RopeScaling::None || self.sliding_window.is_some() {
+            return Err(ModelError::Config(
+                "writing config.json supports neither rope scaling nor a sliding window".into(),
+            ));
+        }
+        if self.qkv_bias != self.o_bias {
+            return Err(ModelError::Config(
+                "writing config.json needs the q/k/v and output biases to agree (attention_bias)"
+                    .into(),
+            ));
+        }
+        let (model_type, arch, act) = match self.style {
+            Style::Llama => ("llama", "LlamaForCausalLM", "silu"),
+            Style::Gpt2 => ("kiln_gpt2", "KilnGpt2ForCausalLM", "gelu_pytorch_tanh"),
+        };
+        Ok(serde_json::json!({
+            "architectures": [arch],
+            "model_type": model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": act,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.qkv_bias,
+            "mlp_bias": self.mlp_bias,
+            "torch_dtype": "float32",
+        }))
     }
 
     fn window_for_layer(&self, i: usize) -> Option<usize> {
@@ -207,6 +263,7 @@ impl Config {
                 .opt_usize(&k("attention.sliding_window"))?
                 .filter(|&w| w > 0),
             sliding_window_from_layer: 0,
+            style: Style::Llama,
         };
         Ok((cfg, layout))
     }
@@ -342,14 +399,23 @@ impl TryFrom<&HfConfig> for Config {
 
     fn try_from(c: &HfConfig) -> Result<Self> {
         let model_type = c.model_type.as_deref().unwrap_or("llama");
-        if !matches!(model_type, "llama" | "mistral" | "qwen2") {
+        if !matches!(model_type, "llama" | "mistral" | "qwen2" | "kiln_gpt2") {
             return Err(ModelError::Config(format!(
-                "model_type `{model_type}` is not supported (kiln runs llama, mistral and qwen2)"
+                "model_type `{model_type}` is not supported (kiln runs llama, mistral, qwen2 and kiln_gpt2)"
             )));
         }
-        if let Some(act) = c.hidden_act.as_deref().filter(|a| *a != "silu") {
+        let style = if model_type == "kiln_gpt2" {
+            Style::Gpt2
+        } else {
+            Style::Llama
+        };
+        let act_ok = match style {
+            Style::Llama => "silu",
+            Style::Gpt2 => "gelu_pytorch_tanh",
+        };
+        if let Some(act) = c.hidden_act.as_deref().filter(|a| *a != act_ok) {
             return Err(ModelError::Config(format!(
-                "hidden_act `{act}` is not supported (only silu)"
+                "hidden_act `{act}` is not supported for {model_type} (only {act_ok})"
             )));
         }
         let max_pos = c.max_position_embeddings.unwrap_or(2048);
@@ -390,41 +456,48 @@ impl TryFrom<&HfConfig> for Config {
             max_position_embeddings: max_pos,
             tie_word_embeddings: c.tie_word_embeddings.unwrap_or(false),
             qkv_bias: model_type == "qwen2" || attention_bias,
-            o_bias: model_type == "llama" && attention_bias,
-            mlp_bias: model_type == "llama" && c.mlp_bias.unwrap_or(false),
+            o_bias: matches!(model_type, "llama" | "kiln_gpt2") && attention_bias,
+            mlp_bias: matches!(model_type, "llama" | "kiln_gpt2") && c.mlp_bias.unwrap_or(false),
             sliding_window,
             sliding_window_from_layer: from_layer,
+            style,
         };
         cfg.check()?;
         Ok(cfg)
     }
 }
 
-/// One decoder layer: pre-norm attention and pre-norm SwiGLU, each added to the residual stream.
+/// One decoder layer: pre-norm attention and a pre-norm MLP, each added to the residual stream.
 #[derive(Debug, Clone)]
 struct Block {
-    attn_norm: RmsNorm,
+    attn_norm: Norm,
     q: Linear,
     k: Linear,
     v: Linear,
     o: Linear,
-    mlp_norm: RmsNorm,
-    mlp: SwiGlu,
+    mlp_norm: Norm,
+    mlp: Mlp,
     window: Option<usize>,
 }
 
+/// Where a layer's keys and values come from: the KV cache (inference), or only the current
+/// tokens (training: causal attention on kiln's fused kernel, which has a backward pass).
+enum Attend<'a> {
+    Cache {
+        cache: &'a mut KvCache,
+        layer: usize,
+        pad: &'a [usize],
+    },
+    Train,
+}
+
 impl Block {
-    // The layer's inputs are all distinct things; a struct to bundle them would be used once.
-    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         x: &Tensor,
         cfg: &Config,
-        rope: &RotaryEmbedding,
-        cos_sin: &(Tensor, Tensor),
-        cache: &mut KvCache,
-        layer: usize,
-        pad: &[usize],
+        rope: Option<(&RotaryEmbedding, &(Tensor, Tensor))>,
+        attend: Attend<'_>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3().map_err(nn("block dims"))?;
         let h = self.attn_norm.forward(x)?;
@@ -435,11 +508,26 @@ impl Block {
                 .and_then(|y| y.transpose(1, 2))
                 .map_err(nn("split heads"))
         };
-        let q = rope.apply(&heads(&self.q, cfg.num_heads)?, &cos_sin.0, &cos_sin.1)?;
-        let k = rope.apply(&heads(&self.k, cfg.num_kv_heads)?, &cos_sin.0, &cos_sin.1)?;
+        let rotate = |y: Tensor| -> Result<Tensor> {
+            match rope {
+                Some((rope, (cos, sin))) => Ok(rope.apply(&y, cos, sin)?),
+                None => Ok(y),
+            }
+        };
+        let q = rotate(heads(&self.q, cfg.num_heads)?)?;
+        let k = rotate(heads(&self.k, cfg.num_kv_heads)?)?;
         let v = heads(&self.v, cfg.num_kv_heads)?;
-        let (k, v) = cache.append(layer, &k, &v)?;
-        let att = causal_attention_padded(&q, &k, &v, self.window, pad)?; // (B, H, T, D)
+        let att = match attend {
+            Attend::Cache { cache, layer, pad } => {
+                let (k, v) = cache.append(layer, &k, &v)?;
+                causal_attention_padded(&q, &k, &v, self.window, pad)?
+            }
+            Attend::Train => {
+                let scale = 1.0 / (cfg.head_dim as f32).sqrt();
+                let contig = |y: Tensor| y.contiguous().map_err(nn("attention contiguous"));
+                kiln_nn::fused::causal_attention(&contig(q)?, &contig(k)?, &contig(v)?, scale)?
+            }
+        }; // (B, H, T, D)
         let att = att
             .transpose(1, 2)
             .and_then(|a| a.reshape((b, t, cfg.num_heads * cfg.head_dim)))
@@ -459,8 +547,10 @@ fn nn(op: &'static str) -> impl Fn(kiln_nn::candle_core::Error) -> ModelError {
 pub struct Llama {
     cfg: Config,
     embed: Embedding,
+    /// Learned absolute positions (GPT-2 style), (max_position_embeddings, hidden).
+    pos_embed: Option<Embedding>,
     layers: Vec<Block>,
-    norm: RmsNorm,
+    norm: Norm,
     lm_head: Linear,
     rope: RotaryEmbedding,
     device: Device,
@@ -595,34 +685,60 @@ impl Llama {
                 out_in,
             )?)
         };
+        let gpt2 = cfg.style == Style::Gpt2;
+        if gpt2 && matches!(naming, Naming::Gguf) {
+            return Err(ModelError::Config(
+                "GPT-2 style models are read from safetensors folders, not GGUF".into(),
+            ));
+        }
+        let norm = |w: &mut Weights, base: &str| -> Result<Norm> {
+            let weight = w.tensor(&format!("{base}.weight"), &[h])?;
+            Ok(if gpt2 {
+                let bias = w.tensor(&format!("{base}.bias"), &[h])?;
+                Norm::Layer(LayerNorm::new(weight, bias, cfg.rms_norm_eps)?)
+            } else {
+                Norm::Rms(RmsNorm::new(weight, cfg.rms_norm_eps)?)
+            })
+        };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
+            let attn_norm = norm(w, &names(i, "attn_norm"))?;
             let q = linear(w, i, "q", cfg.qkv_bias, (qn, h))?;
             let k = linear(w, i, "k", cfg.qkv_bias, (kvn, h))?;
             let v = linear(w, i, "v", cfg.qkv_bias, (kvn, h))?;
             let o = linear(w, i, "o", cfg.o_bias, (h, qn))?;
-            let gate = linear(w, i, "gate", cfg.mlp_bias, (ff, h))?;
-            let up = linear(w, i, "up", cfg.mlp_bias, (ff, h))?;
-            let down = linear(w, i, "down", cfg.mlp_bias, (h, ff))?;
+            let mlp_norm = norm(w, &names(i, "mlp_norm"))?;
+            let mlp = if gpt2 {
+                let up = linear(w, i, "up", cfg.mlp_bias, (ff, h))?;
+                let down = linear(w, i, "down", cfg.mlp_bias, (h, ff))?;
+                Mlp::Gelu(GeluMlp { up, down })
+            } else {
+                let gate = linear(w, i, "gate", cfg.mlp_bias, (ff, h))?;
+                let up = linear(w, i, "up", cfg.mlp_bias, (ff, h))?;
+                let down = linear(w, i, "down", cfg.mlp_bias, (h, ff))?;
+                Mlp::SwiGlu(SwiGlu { gate, up, down })
+            };
             layers.push(Block {
-                attn_norm: RmsNorm::new(
-                    w.tensor(&format!("{}.weight", names(i, "attn_norm")), &[h])?,
-                    cfg.rms_norm_eps,
-                )?,
+                attn_norm,
                 q,
                 k,
                 v,
                 o,
-                mlp_norm: RmsNorm::new(
-                    w.tensor(&format!("{}.weight", names(i, "mlp_norm")), &[h])?,
-                    cfg.rms_norm_eps,
-                )?,
-                mlp: SwiGlu { gate, up, down },
+                mlp_norm,
+                mlp,
                 window: cfg.window_for_layer(i),
             });
         }
         let embed = w.embedding(embed_name, (cfg.vocab_size, h))?;
-        let norm = RmsNorm::new(w.tensor(norm_name, &[h])?, cfg.rms_norm_eps)?;
+        let pos_embed = if gpt2 {
+            Some(w.embedding(
+                "model.embed_positions.weight",
+                (cfg.max_position_embeddings, h),
+            )?)
+        } else {
+            None
+        };
+        let norm = norm(w, norm_name.trim_end_matches(".weight"))?;
         let lm_head = if cfg.tie_word_embeddings {
             embed.as_linear()?
         } else {
@@ -632,12 +748,109 @@ impl Llama {
         Ok(Self {
             cfg,
             embed,
+            pos_embed,
             layers,
             norm,
             lm_head,
             rope,
             device: w.device().clone(),
         })
+    }
+
+    /// A new model whose every tensor comes from `make(name, shape)`, named as in a Hugging Face
+    /// checkpoint ([`Config::to_hf_json`] writes the matching `config.json`): how training creates
+    /// its variables through the same code that loads a checkpoint.
+    pub fn init(cfg: Config, make: MakeTensor) -> Result<Self> {
+        cfg.check()?;
+        let mut w = Weights::generated(Path::new("<init>"), make);
+        Self::from_weights(&mut w, cfg, RopeLayout::HalfSplit, Naming::Hf)
+    }
+
+    /// A model around tensors already in memory under Hugging Face names (e.g. a training run's
+    /// variables, which then receive the gradients of [`Self::loss`]).
+    pub fn from_tensors(cfg: Config, tensors: HashMap<String, Tensor>) -> Result<Self> {
+        cfg.check()?;
+        let mut w = Weights::in_memory(Path::new("<memory>"), tensors);
+        Self::from_weights(&mut w, cfg, RopeLayout::HalfSplit, Naming::Hf)
+    }
+
+    /// Logits at every position for training: `ids` (B, T) -> (B, T, vocab), without a KV cache,
+    /// through ops that all have a backward pass.
+    pub fn forward_train(&self, ids: &Tensor) -> Result<Tensor> {
+        let (_, t) = ids.dims2().map_err(nn("input_ids must be (B, T)"))?;
+        self.check_ids(ids, 0, t)?;
+        let ids = ids.to_dtype(DType::U32).map_err(nn("ids to u32"))?;
+        let mut x = self.embed_positions(&ids, 0, t)?;
+        let cos_sin = self.rope.cos_sin(0, t, &self.device)?;
+        let rope = self.uses_rope().then_some((&self.rope, &cos_sin));
+        for layer in &self.layers {
+            x = layer.forward(&x, &self.cfg, rope, Attend::Train)?;
+        }
+        let x = self.norm.forward(&x)?;
+        Ok(self.lm_head.forward(&x)?)
+    }
+
+    /// Mean next-token cross-entropy (nats) of `targets` (B, T) given `ids` (B, T); targets equal
+    /// to `u32::MAX` are ignored. The loss to call `backward` on.
+    pub fn loss(&self, ids: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let logits = self.forward_train(ids)?;
+        let (b, t, v) = logits.dims3().map_err(nn("logits dims"))?;
+        let logits = logits.reshape((b * t, v)).map_err(nn("flatten logits"))?;
+        let targets = targets
+            .to_dtype(DType::U32)
+            .and_then(|t| t.flatten_all())
+            .map_err(nn("flatten targets"))?;
+        Ok(kiln_nn::fused::cross_entropy(
+            &logits,
+            &targets,
+            u32::MAX,
+        )?)
+    }
+
+    fn uses_rope(&self) -> bool {
+        self.pos_embed.is_none()
+    }
+
+    /// Token embeddings plus, GPT-2 style, the learned embeddings of positions `start..start+t`.
+    fn embed_positions(&self, ids: &Tensor, start: usize, t: usize) -> Result<Tensor> {
+        let x = self.embed.forward(ids)?; // (B, T, hidden)
+        match &self.pos_embed {
+            None => Ok(x),
+            Some(pe) => {
+                let pos = Tensor::arange(start as u32, (start + t) as u32, &self.device)
+                    .and_then(|p| p.unsqueeze(0))
+                    .map_err(nn("positions"))?;
+                let p = pe.forward(&pos)?; // (1, T, hidden)
+                x.broadcast_add(&p).map_err(nn("add positions"))
+            }
+        }
+    }
+
+    fn check_ids(&self, ids: &Tensor, start_pos: usize, t: usize) -> Result<()> {
+        if t == 0 {
+            return Err(ModelError::Config(
+                "forward needs at least one token".into(),
+            ));
+        }
+        if start_pos + t > self.cfg.max_position_embeddings {
+            return Err(ModelError::ContextOverflow {
+                needed: start_pos + t,
+                max: self.cfg.max_position_embeddings,
+            });
+        }
+        let max_id = ids
+            .to_dtype(DType::U32)
+            .and_then(|f| f.flatten_all())
+            .and_then(|f| f.max(D::Minus1))
+            .and_then(|m| m.to_scalar::<u32>())
+            .map_err(nn("max id"))?;
+        if max_id as usize >= self.cfg.vocab_size {
+            return Err(ModelError::TokenOutOfRange {
+                id: max_id,
+                vocab: self.cfg.vocab_size,
+            });
+        }
+        Ok(())
     }
 
     pub fn config(&self) -> &Config {
@@ -719,41 +932,26 @@ impl Llama {
         pad: &[usize],
     ) -> Result<Tensor> {
         let (_, t) = input_ids.dims2().map_err(nn("input_ids must be (B, T)"))?;
-        if t == 0 {
-            return Err(ModelError::Config(
-                "forward needs at least one token".into(),
-            ));
-        }
         if cache.len() != start_pos {
             return Err(ModelError::CacheMismatch {
                 start_pos,
                 cached: cache.len(),
             });
         }
-        if start_pos + t > self.cfg.max_position_embeddings {
-            return Err(ModelError::ContextOverflow {
-                needed: start_pos + t,
-                max: self.cfg.max_position_embeddings,
-            });
-        }
+        self.check_ids(input_ids, start_pos, t)?;
         let ids = input_ids.to_dtype(DType::U32).map_err(nn("ids to u32"))?;
-        let max_id = ids
-            .flatten_all()
-            .and_then(|f| f.max(D::Minus1))
-            .and_then(|m| m.to_scalar::<u32>())
-            .map_err(nn("max id"))?;
-        if max_id as usize >= self.cfg.vocab_size {
-            return Err(ModelError::TokenOutOfRange {
-                id: max_id,
-                vocab: self.cfg.vocab_size,
-            });
-        }
-        let mut x = self.embed.forward(&ids)?; // (B, T, hidden)
+        let mut x = self.embed_positions(&ids, start_pos, t)?; // (B, T, hidden)
         let cos_sin = self.rope.cos_sin(start_pos, t, &self.device)?;
+        let rope = self.uses_rope().then_some((&self.rope, &cos_sin));
         // A failing layer leaves entries past `cache.len()` in the layers before it; they are
         // overwritten by the next forward pass because `len` only moves after the last layer.
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &self.cfg, &self.rope, &cos_sin, cache, i, pad)?;
+            let attend = Attend::Cache {
+                cache: &mut *cache,
+                layer: i,
+                pad,
+            };
+            x = layer.forward(&x, &self.cfg, rope, attend)?;
         }
         cache.advance(t);
         Ok(self.norm.forward(&x)?)

@@ -19,10 +19,12 @@ pub use candle_core;
 pub use candle_nn;
 
 mod attention;
+pub mod fused;
 mod kv_cache;
 mod linear;
 mod mlp;
 mod norm;
+mod optim;
 pub mod qkernels;
 mod rope;
 mod weights;
@@ -32,10 +34,11 @@ pub use attention::{
 };
 pub use kv_cache::KvCache;
 pub use linear::{Embedding, Linear};
-pub use mlp::SwiGlu;
-pub use norm::RmsNorm;
+pub use mlp::{GeluMlp, Mlp, SwiGlu};
+pub use norm::{LayerNorm, Norm, RmsNorm};
+pub use optim::{clip_grad_norm, AdamW, AdamWConfig, Muon, MuonConfig, OptimState, ParamState};
 pub use rope::{RopeLayout, RopeScaling, RotaryEmbedding};
-pub use weights::{GgufMetadata, Weights};
+pub use weights::{GgufMetadata, MakeTensor, Weights};
 
 use std::path::PathBuf;
 

@@ -1,4 +1,5 @@
-//! The SwiGLU feed-forward block (Shazeer 2020): `down(silu(gate(x)) * up(x))`.
+//! Feed-forward blocks: SwiGLU (Shazeer 2020), `down(silu(gate(x)) * up(x))` (LLaMA), and the
+//! GELU MLP of GPT-2, `down(gelu_tanh(up(x)))`.
 
 use crate::{Linear, OpContext, Result};
 use candle_core::Tensor;
@@ -15,5 +16,35 @@ impl SwiGlu {
         let g = candle_nn::ops::silu(&self.gate.forward(x)?).op("silu")?;
         let h = (g * self.up.forward(x)?).op("swiglu mul")?;
         self.down.forward(&h)
+    }
+}
+
+/// GPT-2's MLP (`c_fc`, GELU with the tanh approximation, `c_proj`).
+#[derive(Debug, Clone)]
+pub struct GeluMlp {
+    pub up: Linear,
+    pub down: Linear,
+}
+
+impl GeluMlp {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.up.forward(x)?.gelu().op("gelu")?;
+        self.down.forward(&h)
+    }
+}
+
+/// The feed-forward block a model family uses.
+#[derive(Debug, Clone)]
+pub enum Mlp {
+    SwiGlu(SwiGlu),
+    Gelu(GeluMlp),
+}
+
+impl Mlp {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Mlp::SwiGlu(m) => m.forward(x),
+            Mlp::Gelu(m) => m.forward(x),
+        }
     }
 }

@@ -281,7 +281,8 @@ impl RotaryEmbedding {
     pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let x = x.contiguous().op("rope contiguous")?;
         match self.layout {
-            RopeLayout::HalfSplit => candle_nn::rotary_emb::rope(&x, cos, sin).op("rope"),
+            // kiln's fused rope has a backward pass (candle's has none), so training uses it too.
+            RopeLayout::HalfSplit => crate::fused::rope(&x, cos, sin),
             RopeLayout::Interleaved => candle_nn::rotary_emb::rope_i(&x, cos, sin).op("rope_i"),
         }
     }

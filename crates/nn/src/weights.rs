@@ -33,7 +33,12 @@ enum Source {
         path: PathBuf,
         tensors: HashMap<String, Tensor>,
     },
+    /// Tensors made on request by a function of (name, shape): a fresh model's initialisation.
+    Generated { path: PathBuf, make: MakeTensor },
 }
+
+/// Makes the tensor `name` of the given shape (see [`Weights::generated`]).
+pub type MakeTensor = Box<dyn FnMut(&str, &[usize]) -> Result<Tensor>>;
 
 /// The key/value metadata of a GGUF file, with typed getters that fail with the key's name.
 pub struct GgufMetadata<'a> {
@@ -193,6 +198,32 @@ impl Weights {
         })
     }
 
+    /// Tensors already in memory under checkpoint names (e.g. the variables of a training run);
+    /// `label` names the source in errors.
+    pub fn in_memory(label: &Path, tensors: HashMap<String, Tensor>) -> Self {
+        Self {
+            source: Source::Safetensors {
+                path: label.to_path_buf(),
+                tensors,
+            },
+            device: Device::Cpu,
+            dequantize: false,
+        }
+    }
+
+    /// A source that asks `make(name, shape)` for each tensor the model names, with the shape the
+    /// config implies: how a new model is initialised through the same code that loads one.
+    pub fn generated(label: &Path, make: MakeTensor) -> Self {
+        Self {
+            source: Source::Generated {
+                path: label.to_path_buf(),
+                make,
+            },
+            device: Device::Cpu,
+            dequantize: false,
+        }
+    }
+
     /// Makes [`Self::linear`] and [`Self::embedding`] return dense f32 weights even for
     /// quantized GGUF tensors: the f32 reference path used by parity tests.
     pub fn set_dequantize(&mut self, dequantize: bool) {
@@ -201,7 +232,9 @@ impl Weights {
 
     pub fn path(&self) -> &Path {
         match &self.source {
-            Source::Gguf { path, .. } | Source::Safetensors { path, .. } => path,
+            Source::Gguf { path, .. }
+            | Source::Safetensors { path, .. }
+            | Source::Generated { path, .. } => path,
         }
     }
 
@@ -216,7 +249,7 @@ impl Weights {
                 path,
                 map: &content.metadata,
             }),
-            Source::Safetensors { .. } => None,
+            Source::Safetensors { .. } | Source::Generated { .. } => None,
         }
     }
 
@@ -224,6 +257,7 @@ impl Weights {
         match &self.source {
             Source::Gguf { content, .. } => content.tensor_infos.contains_key(name),
             Source::Safetensors { tensors, .. } => tensors.contains_key(name),
+            Source::Generated { .. } => false,
         }
     }
 
@@ -235,10 +269,14 @@ impl Weights {
                 .get(name)
                 .map(|i| i.shape.dims().to_vec()),
             Source::Safetensors { tensors, .. } => tensors.get(name).map(|t| t.dims().to_vec()),
+            Source::Generated { .. } => None,
         }
     }
 
     fn check_shape(&self, name: &str, expected: &[usize]) -> Result<()> {
+        if matches!(self.source, Source::Generated { .. }) {
+            return Ok(());
+        }
         let got = self.shape(name).ok_or_else(|| NnError::MissingTensor {
             name: name.into(),
             path: self.path().into(),
@@ -286,16 +324,19 @@ impl Weights {
                 cache.insert(name.to_string(), t.clone());
                 Ok(t)
             }
-            Source::Safetensors { path, .. } => Err(NnError::UnsupportedDtype {
-                name: name.into(),
-                path: path.clone(),
-                dtype: "quantized (safetensors holds dense tensors only)".into(),
-            }),
+            Source::Safetensors { path, .. } | Source::Generated { path, .. } => {
+                Err(NnError::UnsupportedDtype {
+                    name: name.into(),
+                    path: path.clone(),
+                    dtype: "quantized (safetensors holds dense tensors only)".into(),
+                })
+            }
         }
     }
 
-    fn dense(&mut self, name: &str) -> Result<Tensor> {
-        let t = match &self.source {
+    fn dense(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = match &mut self.source {
+            Source::Generated { make, .. } => make(name, shape)?,
             Source::Safetensors { path, tensors } => {
                 tensors
                     .get(name)
@@ -325,7 +366,7 @@ impl Weights {
     /// A dense f32 tensor of the given shape (dequantized if stored quantized).
     pub fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
         self.check_shape(name, shape)?;
-        self.dense(name)
+        self.dense(name, shape)
     }
 
     /// A projection with weight `name` of shape (out, in) and an optional bias (out,).
@@ -341,7 +382,7 @@ impl Weights {
             let q = self.qtensor(name)?;
             Linear::from_qtensor(q, bias)
         } else {
-            Linear::dense(self.dense(name)?, bias)
+            Linear::dense(self.dense(name, &[out_in.0, out_in.1])?, bias)
         }
     }
 
@@ -351,7 +392,7 @@ impl Weights {
         if matches!(self.source, Source::Gguf { .. }) && !self.dequantize {
             Embedding::from_qtensor(self.qtensor(name)?)
         } else {
-            Embedding::dense(self.dense(name)?)
+            Embedding::dense(self.dense(name, &[vocab_hidden.0, vocab_hidden.1])?)
         }
     }
 }

@@ -1,0 +1,543 @@
+//! Fused CPU training kernels with a backward pass, as candle custom ops.
+//!
+//! candle's fused CPU ops (`candle_nn::ops::rms_norm`, `layer_norm`, `softmax_last_dim`,
+//! `rotary_emb::rope`) have no backward pass, so training would otherwise compose these layers
+//! from primitives: a dozen graph nodes and (N, D)-sized temporaries per norm, the full (T, T)
+//! score and probability matrices per attention head, a log-softmax copy of the logits. Each op
+//! here is one `CustomOp` whose forward is a hand-written f32 kernel (rayon over fixed chunks)
+//! and whose `bwd` is another. f32 and CPU only; every op makes its inputs contiguous first and
+//! returns an error, never panics, for a wrong dtype, device or shape (empty tensors included).
+//!
+//! - [`rms_norm`]: `y = x * r * w` with `r = 1 / sqrt(mean(x^2) + eps)` per row of D. Backward,
+//!   with `gw = g * w`: `dx = r * gw - x * r^3 * sum(gw * x) / D`, `dw = sum_rows(g * x * r)`.
+//! - [`layer_norm`]: `xh = (x - mean) * r`, `r = 1 / sqrt(var + eps)` (biased variance),
+//!   `y = xh * w + b`. Backward: `dx = r * (gw - mean(gw) - xh * mean(gw * xh))`,
+//!   `dw = sum_rows(g * xh)`, `db = sum_rows(g)`. Both norms recompute the row statistics in
+//!   backward instead of saving them.
+//! - [`rope`]: rotate-half RoPE, `y1 = x1 cos - x2 sin`, `y2 = x1 sin + x2 cos` (x1, x2 the two
+//!   halves of a head). Backward is the inverse rotation: the same kernel with `-sin`.
+//! - [`causal_attention`]: `O = softmax(scale * Q K^T + causal mask) V`, computed like
+//!   FlashAttention-2: key blocks of 64 with an online softmax, never the (T, T) matrix; forward
+//!   saves each query row's logsumexp `L`. Backward recomputes `P = e^(scale * Q K^T - L)` block
+//!   by block: `dV = P^T dO`, `dP = dO V^T`, `dS = P * (dP - rowsum(dO * O))`,
+//!   `dQ = scale * dS K`, `dK = scale * dS^T Q` (summed over the query heads sharing a kv head).
+//! - [`cross_entropy`]: `mean_i (logsumexp(x_i) - x_i[t_i])` over rows whose target is not
+//!   `ignore_index`. Forward saves each row's logsumexp; backward writes
+//!   `(e^(x - lse) - onehot(t)) * g / count` in one pass over the logits.
+//!
+//! **Determinism.** The same inputs give bit-identical outputs and gradients on every run and for
+//! any rayon thread count: work is split into chunks fixed by the shapes alone (rows for norms and
+//! cross-entropy, (batch, head, query block) for attention forward, (batch, kv head) for
+//! attention backward), every output element is written by exactly one task in a fixed order, and
+//! sums across chunks (the norms' weight and bias gradients) are per-chunk partials added in chunk
+//! order. The instruction set (AVX2 + FMA or baseline, see `simd.rs`) is picked from the CPU, so
+//! bits can differ between machines, never between runs on one.
+
+mod attention;
+mod cross_entropy;
+mod norm;
+mod rope;
+mod simd;
+
+use crate::{NnError, OpContext, Result};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, StorageRef, Tensor,
+};
+use std::sync::Mutex;
+
+/// `x` (..., D), `weight` (D): `x / sqrt(mean(x^2) + eps) * weight`. Grads to `x` and `weight`.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+    const OP: &str = "fused::rms_norm";
+    check_input("fused::rms_norm x", x, DType::F32)?;
+    check_input("fused::rms_norm weight", weight, DType::F32)?;
+    check_eps("fused::rms_norm eps", eps)?;
+    let d = last_dim(OP, x)?;
+    check_vector(OP, weight, d)?;
+    let x = x.contiguous().op(OP)?;
+    let w = weight.contiguous().op(OP)?;
+    x.apply_op2(&w, RmsNormOp { eps }).op(OP)
+}
+
+/// `x` (..., D), `weight` (D), `bias` (D): `torch.nn.functional.layer_norm` over the last
+/// dimension. Grads to `x`, `weight` and `bias`.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<Tensor> {
+    const OP: &str = "fused::layer_norm";
+    check_input("fused::layer_norm x", x, DType::F32)?;
+    check_input("fused::layer_norm weight", weight, DType::F32)?;
+    check_input("fused::layer_norm bias", bias, DType::F32)?;
+    check_eps("fused::layer_norm eps", eps)?;
+    let d = last_dim(OP, x)?;
+    check_vector(OP, weight, d)?;
+    check_vector(OP, bias, d)?;
+    let x = x.contiguous().op(OP)?;
+    let w = weight.contiguous().op(OP)?;
+    let b = bias.contiguous().op(OP)?;
+    x.apply_op3(&w, &b, LayerNormOp { eps }).op(OP)
+}
+
+/// Rotary embedding in the Hugging Face "rotate half" layout (element `i` pairs with `i + D/2`):
+/// `x` (B, H, T, D), `cos`/`sin` (T', D/2) or (B, T', D/2) with `T' >= T` (the first T rows are
+/// used), as `candle_nn::rotary_emb::rope`. Grad to `x` only: cos and sin are constants.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    const OP: &str = "fused::rope";
+    check_input("fused::rope x", x, DType::F32)?;
+    check_input("fused::rope cos", cos, DType::F32)?;
+    check_input("fused::rope sin", sin, DType::F32)?;
+    let (b, h, t, d) = x
+        .dims4()
+        .map_err(|_| shape_err(OP, "x of rank 4 (B, H, T, D)", x))?;
+    if d % 2 != 0 {
+        return Err(shape_err(OP, "x with an even head dim D", x));
+    }
+    let (rows, batched) = match *cos.dims() {
+        [rows, half] if half == d / 2 && rows >= t => (rows, false),
+        [cb, rows, half] if cb == b && half == d / 2 && rows >= t => (rows, true),
+        _ => {
+            let want = format!("cos (T' >= {t}, {}) or ({b}, T' >= {t}, {})", d / 2, d / 2);
+            return Err(NnError::Shape {
+                op: OP,
+                expected: want,
+                got: format!("{:?}", cos.dims()),
+            });
+        }
+    };
+    if sin.dims() != cos.dims() {
+        return Err(NnError::Shape {
+            op: OP,
+            expected: format!("sin of the shape of cos {:?}", cos.dims()),
+            got: format!("{:?}", sin.dims()),
+        });
+    }
+    let x = x.contiguous().op(OP)?;
+    let cos = cos.contiguous().op(OP)?;
+    let sin = sin.contiguous().op(OP)?;
+    let dims = rope::RopeDims {
+        h,
+        t,
+        d,
+        rows,
+        batched,
+    };
+    x.apply_op3(&cos, &sin, RopeOp { dims }).op(OP)
+}
+
+/// Causal attention computed blockwise like FlashAttention-2 (online softmax over key blocks; the
+/// (T, T) score matrix never exists). `q` (B, H_q, T, D), `k`, `v` (B, H_kv, T, D) with H_q a
+/// multiple of H_kv (query head `h` uses kv head `h / (H_q / H_kv)`); `scale` is usually
+/// `1 / sqrt(D)`. Query `i` sees keys `0..=i`. Returns (B, H_q, T, D). Grads to q, k and v.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
+    const OP: &str = "fused::causal_attention";
+    check_input("fused::causal_attention q", q, DType::F32)?;
+    check_input("fused::causal_attention k", k, DType::F32)?;
+    check_input("fused::causal_attention v", v, DType::F32)?;
+    let (b, hq, t, d) = q
+        .dims4()
+        .map_err(|_| shape_err(OP, "q of rank 4 (B, H_q, T, D)", q))?;
+    let (kb, hkv, kt, kd) = k
+        .dims4()
+        .map_err(|_| shape_err(OP, "k of rank 4 (B, H_kv, T, D)", k))?;
+    if kb != b || kt != t || kd != d || hkv == 0 || hq % hkv != 0 {
+        let want = format!("k ({b}, H_kv, {t}, {d}) with H_q = {hq} a multiple of H_kv");
+        return Err(shape_err(OP, &want, k));
+    }
+    if v.dims() != k.dims() {
+        return Err(shape_err(
+            OP,
+            &format!("v of the shape of k {:?}", k.dims()),
+            v,
+        ));
+    }
+    if !scale.is_finite() {
+        return Err(NnError::Config {
+            what: "fused::causal_attention scale",
+            reason: format!("{scale} is not finite"),
+        });
+    }
+    let q = q.contiguous().op(OP)?;
+    let k = k.contiguous().op(OP)?;
+    let v = v.contiguous().op(OP)?;
+    let op = AttentionOp {
+        dims: attention::AttnDims { b, hq, hkv, t, d },
+        scale,
+        lse: Mutex::new(Vec::new()),
+    };
+    q.apply_op3(&k, &v, op).op(OP)
+}
+
+/// Mean softmax cross-entropy: `logits` (N, V) f32, `targets` (N,) u32. Rows whose target equals
+/// `ignore_index` (pass `u32::MAX` for none) are skipped and the mean is over the rest (NaN if
+/// every row is skipped, as in PyTorch; their gradient is 0). Any other target must be `< V`.
+/// Returns a rank-0 tensor. Grad to `logits` only.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore_index: u32) -> Result<Tensor> {
+    const OP: &str = "fused::cross_entropy";
+    check_input("fused::cross_entropy logits", logits, DType::F32)?;
+    check_input("fused::cross_entropy targets", targets, DType::U32)?;
+    let (n, v) = logits
+        .dims2()
+        .map_err(|_| shape_err(OP, "logits of rank 2 (N, V)", logits))?;
+    if targets.dims() != [n] {
+        return Err(shape_err(OP, &format!("targets of shape ({n},)"), targets));
+    }
+    let targets: Vec<u32> = targets.to_vec1().op(OP)?;
+    if let Some((row, &t)) = targets
+        .iter()
+        .enumerate()
+        .find(|&(_, &t)| t != ignore_index && t as usize >= v)
+    {
+        return Err(NnError::Config {
+            what: "fused::cross_entropy targets",
+            reason: format!("target {t} of row {row} is out of range for {v} classes"),
+        });
+    }
+    let logits = logits.contiguous().op(OP)?;
+    let op = CrossEntropyOp {
+        targets,
+        ignore_index,
+        lse: Mutex::new(Vec::new()),
+    };
+    logits.apply_op1(op).op(OP)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks.
+
+fn check_input(what: &'static str, t: &Tensor, dtype: DType) -> Result<()> {
+    if !t.device().is_cpu() {
+        return Err(NnError::Config {
+            what,
+            reason: format!(
+                "fused kernels run on the CPU, the tensor is on {:?}",
+                t.device().location()
+            ),
+        });
+    }
+    if t.dtype() != dtype {
+        return Err(NnError::Config {
+            what,
+            reason: format!("dtype must be {dtype:?}, got {:?}", t.dtype()),
+        });
+    }
+    if t.elem_count() == 0 {
+        return Err(NnError::Config {
+            what,
+            reason: format!("empty tensor of shape {:?}", t.dims()),
+        });
+    }
+    Ok(())
+}
+
+fn check_eps(what: &'static str, eps: f32) -> Result<()> {
+    if eps.is_finite() && eps >= 0.0 {
+        return Ok(());
+    }
+    Err(NnError::Config {
+        what,
+        reason: format!("{eps} must be finite and >= 0"),
+    })
+}
+
+fn shape_err(op: &'static str, expected: &str, t: &Tensor) -> NnError {
+    NnError::Shape {
+        op,
+        expected: expected.to_string(),
+        got: format!("{:?}", t.dims()),
+    }
+}
+
+/// The last dimension of `x` (rank >= 1).
+fn last_dim(op: &'static str, x: &Tensor) -> Result<usize> {
+    x.dims()
+        .last()
+        .copied()
+        .ok_or_else(|| shape_err(op, "x of rank >= 1", x))
+}
+
+/// `t` must be a vector of `d` elements.
+fn check_vector(op: &'static str, t: &Tensor, d: usize) -> Result<()> {
+    if t.dims() == [d] {
+        return Ok(());
+    }
+    Err(shape_err(op, &format!("weight/bias of shape ({d},)"), t))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading and making tensors inside the ops.
+
+/// The f32 elements of a contiguous CPU storage.
+fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("fused op: input is not contiguous"),
+    }
+}
+
+/// A read lock on a contiguous f32 CPU tensor, for the backward passes.
+struct F32Data<'a> {
+    storage: StorageRef<'a>,
+    start: usize,
+    end: usize,
+}
+
+impl<'a> F32Data<'a> {
+    fn new(t: &'a Tensor) -> candle_core::Result<Self> {
+        let (storage, layout) = t.storage_and_layout();
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("fused op backward: tensor is not contiguous")
+        };
+        if !matches!(&*storage, Storage::Cpu(CpuStorage::F32(_))) {
+            candle_core::bail!("fused op backward: expected an f32 CPU tensor")
+        }
+        Ok(Self {
+            storage,
+            start,
+            end,
+        })
+    }
+
+    fn get(&self) -> &[f32] {
+        match &*self.storage {
+            Storage::Cpu(CpuStorage::F32(v)) => &v[self.start..self.end],
+            // Checked in `new`.
+            _ => &[],
+        }
+    }
+}
+
+/// A gradient tensor (no graph of its own) of `like`'s shape.
+fn grad_tensor(data: Vec<f32>, like: &Tensor) -> candle_core::Result<Tensor> {
+    Tensor::from_vec(data, like.shape().clone(), like.device())
+}
+
+fn poisoned(op: &str) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{op}: saved forward state is unavailable"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The custom ops.
+
+struct RmsNormOp {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNormOp {
+    fn name(&self) -> &'static str {
+        "kiln-fused-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = norm::rms_fwd(cpu_f32(s1, l1)?, cpu_f32(s2, l2)?, self.eps);
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (dx, dw) = {
+            let (xd, wd, gd) = (F32Data::new(x)?, F32Data::new(w)?, F32Data::new(&grad)?);
+            norm::rms_bwd(xd.get(), wd.get(), gd.get(), self.eps)
+        };
+        Ok((Some(grad_tensor(dx, x)?), Some(grad_tensor(dw, w)?)))
+    }
+}
+
+struct LayerNormOp {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "kiln-fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (cpu_f32(s1, l1)?, cpu_f32(s2, l2)?, cpu_f32(s3, l3)?);
+        Ok((
+            CpuStorage::F32(norm::ln_fwd(x, w, b, self.eps)),
+            l1.shape().clone(),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (dx, dw, db) = {
+            let (xd, wd, gd) = (F32Data::new(x)?, F32Data::new(w)?, F32Data::new(&grad)?);
+            norm::ln_bwd(xd.get(), wd.get(), gd.get(), self.eps)
+        };
+        Ok((
+            Some(grad_tensor(dx, x)?),
+            Some(grad_tensor(dw, w)?),
+            Some(grad_tensor(db, b)?),
+        ))
+    }
+}
+
+struct RopeOp {
+    dims: rope::RopeDims,
+}
+
+impl CustomOp3 for RopeOp {
+    fn name(&self) -> &'static str {
+        "kiln-fused-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, cos, sin) = (cpu_f32(s1, l1)?, cpu_f32(s2, l2)?, cpu_f32(s3, l3)?);
+        let y = rope::rope(x, cos, sin, self.dims, false);
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dx = {
+            let (gd, cd, sd) = (F32Data::new(&grad)?, F32Data::new(cos)?, F32Data::new(sin)?);
+            rope::rope(gd.get(), cd.get(), sd.get(), self.dims, true)
+        };
+        Ok((Some(grad_tensor(dx, x)?), None, None))
+    }
+}
+
+struct AttentionOp {
+    dims: attention::AttnDims,
+    scale: f32,
+    /// The logsumexp of each query row (B, H_q, T), written by the forward pass.
+    lse: Mutex<Vec<f32>>,
+}
+
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "kiln-fused-causal-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (cpu_f32(s1, l1)?, cpu_f32(s2, l2)?, cpu_f32(s3, l3)?);
+        let (out, lse) = attention::forward(q, k, v, self.dims, self.scale);
+        *self.lse.lock().map_err(|_| poisoned(self.name()))? = lse;
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let lse = self.lse.lock().map_err(|_| poisoned(self.name()))?;
+        let (dq, dk, dv) = {
+            let (qd, kd, vd) = (F32Data::new(q)?, F32Data::new(k)?, F32Data::new(v)?);
+            let (od, gd) = (F32Data::new(res)?, F32Data::new(&grad)?);
+            attention::backward(
+                qd.get(),
+                kd.get(),
+                vd.get(),
+                od.get(),
+                gd.get(),
+                &lse,
+                self.dims,
+                self.scale,
+            )
+        };
+        Ok((
+            Some(grad_tensor(dq, q)?),
+            Some(grad_tensor(dk, k)?),
+            Some(grad_tensor(dv, v)?),
+        ))
+    }
+}
+
+struct CrossEntropyOp {
+    targets: Vec<u32>,
+    ignore_index: u32,
+    /// The logsumexp of each row (N), written by the forward pass.
+    lse: Mutex<Vec<f32>>,
+}
+
+impl CustomOp1 for CrossEntropyOp {
+    fn name(&self) -> &'static str {
+        "kiln-fused-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(s, l)?;
+        let v = x.len() / self.targets.len();
+        let lse = cross_entropy::logsumexp(x, v, &self.targets, self.ignore_index);
+        let loss = cross_entropy::mean_loss(x, v, &self.targets, self.ignore_index, &lse);
+        *self.lse.lock().map_err(|_| poisoned(self.name()))? = lse;
+        Ok((CpuStorage::F32(vec![loss]), Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let g = grad.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        let count = self
+            .targets
+            .iter()
+            .filter(|&&t| t != self.ignore_index)
+            .count();
+        // With every row ignored there is nothing to differentiate: all rows get 0.
+        let coef = if count == 0 { 0.0 } else { g / count as f32 };
+        let lse = self.lse.lock().map_err(|_| poisoned(self.name()))?;
+        let dx = {
+            let xd = F32Data::new(logits)?;
+            let v = xd.get().len() / self.targets.len();
+            cross_entropy::grad(xd.get(), v, &self.targets, self.ignore_index, &lse, coef)
+        };
+        Ok(Some(grad_tensor(dx, logits)?))
+    }
+}

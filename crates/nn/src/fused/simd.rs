@@ -1,0 +1,287 @@
+//! The building blocks of the fused kernels: `a * b + c` with or without FMA, lane-wise
+//! reductions, a vectorisable `exp`, and the multi-row `axpy` that the matmul-like loops use.
+//!
+//! Nothing here uses intrinsics. Every kernel is written once, generic over [`Isa`], and compiled
+//! twice: for the baseline target (SSE2 on x86-64, `a * b + c`) and, behind a runtime check, with
+//! AVX2 + FMA enabled (`mul_add`), so that LLVM's auto-vectoriser emits 8-wide FMA code. The
+//! choice depends only on the CPU, so results are bit-identical from run to run on one machine.
+//!
+//! Rust never reassociates float sums, so a plain `iter().sum()` does not vectorise. Reductions
+//! here keep [`LANES`] independent partial sums (one per SIMD lane) and combine them in a fixed
+//! order at the end: vectorised, and still deterministic.
+
+/// How `a * b + c` is computed inside a kernel compiled for one instruction set.
+pub(super) trait Isa: Copy + Send + Sync + 'static {
+    fn madd(a: f32, b: f32, c: f32) -> f32;
+}
+
+/// The baseline target: separate multiply and add (a `mul_add` would call libm's software fma).
+#[derive(Clone, Copy)]
+pub(super) struct Plain;
+
+impl Isa for Plain {
+    #[inline(always)]
+    fn madd(a: f32, b: f32, c: f32) -> f32 {
+        a * b + c
+    }
+}
+
+/// A target with hardware FMA (x86-64 with AVX2 + FMA, aarch64): one rounding per `a * b + c`.
+#[derive(Clone, Copy)]
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
+pub(super) struct Fused;
+
+impl Isa for Fused {
+    #[inline(always)]
+    fn madd(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+}
+
+/// Whether the running CPU has AVX2 and FMA (std caches the answer).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub(super) fn has_avx2_fma() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+}
+
+/// Defines `fn $name(args)` that runs the generic kernel `$generic::<I>(args)` compiled for the
+/// best instruction set of the running CPU. The kernel and everything it calls must be
+/// `#[inline(always)]` (or generic and inlined) so that its body is compiled with those features.
+macro_rules! multiversion {
+    ($(#[$m:meta])* $vis:vis fn $name:ident = $generic:ident($($arg:ident: $ty:ty),* $(,)?);) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                fn avx2($($arg: $ty),*) {
+                    $generic::<$crate::fused::simd::Fused>($($arg),*)
+                }
+                if $crate::fused::simd::has_avx2_fma() {
+                    // SAFETY: `avx2` only needs the AVX2 and FMA instructions, which the running
+                    // CPU was just checked to support.
+                    unsafe { avx2($($arg),*) };
+                    return;
+                }
+            }
+            #[cfg(target_arch = "aarch64")]
+            {
+                $generic::<$crate::fused::simd::Fused>($($arg),*)
+            }
+            #[cfg(not(target_arch = "aarch64"))]
+            {
+                $generic::<$crate::fused::simd::Plain>($($arg),*)
+            }
+        }
+    };
+}
+pub(super) use multiversion;
+
+/// Independent partial sums per reduction: two AVX2 registers, so consecutive FMAs do not wait on
+/// each other.
+pub(super) const LANES: usize = 16;
+
+/// Sums the lanes in a fixed tree order.
+#[inline(always)]
+fn hsum(acc: [f32; LANES]) -> f32 {
+    let mut h = [0f32; LANES / 2];
+    for (k, h) in h.iter_mut().enumerate() {
+        *h = acc[k] + acc[k + LANES / 2];
+    }
+    let q = [h[0] + h[4], h[1] + h[5], h[2] + h[6], h[3] + h[7]];
+    (q[0] + q[2]) + (q[1] + q[3])
+}
+
+/// `sum(a * b)`.
+#[inline(always)]
+pub(super) fn dot<I: Isa>(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (ac, ar) = a[..n].as_chunks::<LANES>();
+    let (bc, br) = b[..n].as_chunks::<LANES>();
+    let mut acc = [0f32; LANES];
+    for (x, y) in ac.iter().zip(bc) {
+        for k in 0..LANES {
+            acc[k] = I::madd(x[k], y[k], acc[k]);
+        }
+    }
+    let mut tail = 0f32;
+    for (&x, &y) in ar.iter().zip(br) {
+        tail = I::madd(x, y, tail);
+    }
+    hsum(acc) + tail
+}
+
+/// `sum(a * b * c)`.
+#[inline(always)]
+pub(super) fn dot3<I: Isa>(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
+    let n = a.len().min(b.len()).min(c.len());
+    let (ac, ar) = a[..n].as_chunks::<LANES>();
+    let (bc, br) = b[..n].as_chunks::<LANES>();
+    let (cc, cr) = c[..n].as_chunks::<LANES>();
+    let mut acc = [0f32; LANES];
+    for ((x, y), z) in ac.iter().zip(bc).zip(cc) {
+        for k in 0..LANES {
+            acc[k] = I::madd(x[k] * y[k], z[k], acc[k]);
+        }
+    }
+    let mut tail = 0f32;
+    for ((&x, &y), &z) in ar.iter().zip(br).zip(cr) {
+        tail = I::madd(x * y, z, tail);
+    }
+    hsum(acc) + tail
+}
+
+/// `sum(a)`.
+#[inline(always)]
+pub(super) fn sum(a: &[f32]) -> f32 {
+    let (ac, ar) = a.as_chunks::<LANES>();
+    let mut acc = [0f32; LANES];
+    for x in ac {
+        for k in 0..LANES {
+            acc[k] += x[k];
+        }
+    }
+    hsum(acc) + ar.iter().fold(0.0, |s, &x| s + x)
+}
+
+/// `max(a)`; NaNs are skipped (a NaN row still ends up NaN through the sum of exponentials), and
+/// an empty slice gives `-inf`.
+#[inline(always)]
+pub(super) fn max(a: &[f32]) -> f32 {
+    let (ac, ar) = a.as_chunks::<LANES>();
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    for x in ac {
+        for k in 0..LANES {
+            acc[k] = if x[k] > acc[k] { x[k] } else { acc[k] };
+        }
+    }
+    let mut m = ar
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    for a in acc {
+        m = if a > m { a } else { m };
+    }
+    m
+}
+
+/// `e^x` for `x <= 88`, the only arguments the kernels pass (scores minus their running max or
+/// their logsumexp, which are <= 0 up to rounding). Cephes' `expf`: `x = n ln 2 + r` with
+/// `|r| <= ln 2 / 2`, a degree-5 polynomial for `e^r` (about 1 ulp), and `2^n` built from its
+/// exponent bits. Written with plain arithmetic and selects so that loops over it vectorise,
+/// unlike libm's `expf`. Arguments below -87 (and `-inf`) give 0; NaN gives NaN.
+#[inline(always)]
+pub(super) fn exp<I: Isa>(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split so that `n * LN2_HI` is exact for |n| < 2^9.
+    const LN2_HI: f32 = 0.693_359_375;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding 1.5 * 2^23 rounds a float of magnitude < 2^22 to an integer, which then sits in the
+    // low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    const ROUND_BITS: u32 = 0x4B40_0000;
+    let xc = if x > 88.0 { 88.0 } else { x };
+    let xc = if xc < -87.0 { -87.0 } else { xc };
+    let t = I::madd(xc, LOG2E, ROUND);
+    let n = t - ROUND;
+    let r = I::madd(n, -LN2_HI, xc);
+    let r = I::madd(n, -LN2_LO, r);
+    let mut y = 1.987_569_1e-4;
+    y = I::madd(y, r, 1.398_199_9e-3);
+    y = I::madd(y, r, 8.333_452e-3);
+    y = I::madd(y, r, 4.166_579_6e-2);
+    y = I::madd(y, r, 1.666_666_5e-1);
+    y = I::madd(y, r, 5.000_000_1e-1);
+    y = I::madd(y, r * r, r) + 1.0;
+    // n is in [-126, 127] here, so n + 127 is a valid biased exponent.
+    let pow2 = f32::from_bits(t.to_bits().wrapping_sub(ROUND_BITS).wrapping_add(127) << 23);
+    if x < -87.0 {
+        0.0
+    } else {
+        y * pow2
+    }
+}
+
+/// `a[k] = e^(a[k] - m)` and returns the sum of the new values.
+#[inline(always)]
+pub(super) fn exp_sub_sum<I: Isa>(a: &mut [f32], m: f32) -> f32 {
+    let (ac, ar) = a.as_chunks_mut::<LANES>();
+    let mut acc = [0f32; LANES];
+    for x in ac {
+        for k in 0..LANES {
+            x[k] = exp::<I>(x[k] - m);
+            acc[k] += x[k];
+        }
+    }
+    let mut tail = 0f32;
+    for x in ar {
+        *x = exp::<I>(*x - m);
+        tail += *x;
+    }
+    hsum(acc) + tail
+}
+
+/// `sum(e^(a - m))` without writing anything.
+#[inline(always)]
+pub(super) fn sum_exp_sub<I: Isa>(a: &[f32], m: f32) -> f32 {
+    let (ac, ar) = a.as_chunks::<LANES>();
+    let mut acc = [0f32; LANES];
+    for x in ac {
+        for k in 0..LANES {
+            acc[k] += exp::<I>(x[k] - m);
+        }
+    }
+    hsum(acc) + ar.iter().fold(0.0, |s, &x| s + exp::<I>(x - m))
+}
+
+/// `dst += a * x`.
+#[inline(always)]
+pub(super) fn axpy<I: Isa>(dst: &mut [f32], a: f32, x: &[f32]) {
+    for (d, &x) in dst.iter_mut().zip(x) {
+        *d = I::madd(a, x, *d);
+    }
+}
+
+/// `dst *= a`.
+#[inline(always)]
+pub(super) fn scale(dst: &mut [f32], a: f32) {
+    for d in dst {
+        *d *= a;
+    }
+}
+
+/// `dst += sum_r a[r] * row(r)[..dst.len()]`, in order of `r`. Rows are taken four at a time so
+/// that `dst` is loaded and stored once per four rows instead of once per row: this is the inner
+/// loop of every matmul-like product in the attention kernels (`row` is a row of K^T, V, Q or
+/// dO). Each element of `dst` is accumulated in the same order for any `dst.len()`.
+#[inline(always)]
+pub(super) fn axpy_rows<'a, I: Isa>(dst: &mut [f32], a: &[f32], row: impl Fn(usize) -> &'a [f32]) {
+    let n = dst.len();
+    let mut r = 0;
+    while r + 4 <= a.len() {
+        let (a0, a1, a2, a3) = (a[r], a[r + 1], a[r + 2], a[r + 3]);
+        let (x0, x1, x2, x3) = (
+            &row(r)[..n],
+            &row(r + 1)[..n],
+            &row(r + 2)[..n],
+            &row(r + 3)[..n],
+        );
+        for ((((d, &v0), &v1), &v2), &v3) in dst.iter_mut().zip(x0).zip(x1).zip(x2).zip(x3) {
+            *d = I::madd(
+                a3,
+                v3,
+                I::madd(a2, v2, I::madd(a1, v1, I::madd(a0, v0, *d))),
+            );
+        }
+        r += 4;
+    }
+    while r < a.len() {
+        axpy::<I>(dst, a[r], &row(r)[..n]);
+        r += 1;
+    }
+}
