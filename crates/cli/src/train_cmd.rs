@@ -218,9 +218,10 @@ impl Progress {
     }
 
     fn say(&self, line: String) {
+        // A bar that is not drawn (stderr is no terminal) would swallow its println.
         match &self.bar {
-            Some(b) => b.println(line),
-            None => eprintln!("{line}"),
+            Some(b) if !b.is_hidden() => b.println(line),
+            _ => eprintln!("{line}"),
         }
     }
 }

@@ -38,6 +38,11 @@ const SUBCOMMANDS: &[&[&str]] = &[
     &["chat"],
     &["bench"],
     &["bench", "generate"],
+    &["bench", "train"],
+    &["data"],
+    &["data", "prepare"],
+    &["train"],
+    &["speedrun"],
 ];
 
 #[test]

@@ -250,7 +250,7 @@ struct DocInfo {
 fn documents(text: &str, how: DocSplit) -> Vec<Range<usize>> {
     match how {
         DocSplit::File if text.is_empty() => Vec::new(),
-        DocSplit::File => Vec::from([0..text.len()]),
+        DocSplit::File => std::iter::once(0..text.len()).collect(),
         DocSplit::BlankLines => {
             let mut docs = Vec::new();
             let (mut start, mut end, mut pos) = (None, 0, 0);

@@ -169,15 +169,14 @@ fn bwd_group<I: Isa>(
     let qs: &[f32] = &qs;
     // delta_i = dO_i . O_i, summed in the order `axpy_rows` sums dp_ij = dO_i . v_j: where one key
     // takes all the weight (query row 0, for one) O_i = v_j exactly, and then ds_ij = 0 exactly.
-    let delta: Vec<f32> = dout
-        .chunks_exact(d)
-        .zip(o.chunks_exact(d))
-        .map(|(g, o)| {
-            g.iter()
-                .zip(o)
-                .fold(0.0, |acc, (&g, &o)| I::madd(g, o, acc))
-        })
-        .collect();
+    // (A plain loop: an iterator chain ending in `collect` is compiled outside this function,
+    // without its target features, and `mul_add` there becomes a libm call.)
+    let mut delta = vec![0f32; lse.len()];
+    for ((delta, g), o) in delta.iter_mut().zip(dout.chunks_exact(d)).zip(o.chunks_exact(d)) {
+        for (&g, &o) in g.iter().zip(o) {
+            *delta = I::madd(g, o, *delta);
+        }
+    }
     let mut p = [[0f32; BLOCK_K]; ROW_GROUP];
     let mut ds = [[0f32; BLOCK_K]; ROW_GROUP];
     let mut coef = [0f32; ROW_GROUP];

@@ -40,7 +40,10 @@ fn ln_stats<I: Isa>(x: &[f32], eps: f32) -> (f32, f32) {
             acc[k] = I::madd(e, e, acc[k]);
         }
     }
-    let tail = rest.iter().fold(0f32, |s, &v| I::madd(v - mu, v - mu, s));
+    let mut tail = 0f32;
+    for &v in rest {
+        tail = I::madd(v - mu, v - mu, tail);
+    }
     let var = (sum(&acc) + tail) / d;
     (mu, 1.0 / (var + eps).sqrt())
 }

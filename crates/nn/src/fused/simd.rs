@@ -236,7 +236,11 @@ pub(super) fn sum_exp_sub<I: Isa>(a: &[f32], m: f32) -> f32 {
             acc[k] += exp::<I>(x[k] - m);
         }
     }
-    hsum(acc) + ar.iter().fold(0.0, |s, &x| s + exp::<I>(x - m))
+    let mut tail = 0f32;
+    for &x in ar {
+        tail += exp::<I>(x - m);
+    }
+    hsum(acc) + tail
 }
 
 /// `dst += a * x`.
