@@ -259,33 +259,185 @@ pub(super) fn scale(dst: &mut [f32], a: f32) {
     }
 }
 
-/// `dst += sum_r a[r] * row(r)[..dst.len()]`, in order of `r`. Rows are taken four at a time so
-/// that `dst` is loaded and stored once per four rows instead of once per row: this is the inner
-/// loop of every matmul-like product in the attention kernels (`row` is a row of K^T, V, Q or
-/// dO). Each element of `dst` is accumulated in the same order for any `dst.len()`.
+/// Which part of a diagonal (query block == key block) product is needed, so [`gemm`] skips the
+/// register tiles that only the causal mask would zero.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Causal {
+    /// Everything (a block strictly below the diagonal).
+    Full,
+    /// `C[r][c]` (r: query, c: key) is needed only for `c <= r`: tiles wholly above the diagonal
+    /// are skipped (left as they were, 0 in the callers) and masked afterwards anyway.
+    Lower,
+    /// `C[r] += sum_kk A[r][kk] B[kk]` with `A[r][kk] = 0` for key `kk > r`: `kk` stops at the
+    /// tile's last row.
+    KeysUpToRow,
+    /// `C[c] += sum_kk A[c][kk] B[kk]` with `A[c][kk] = 0` for query `kk < c` (the transposed
+    /// products dK, dV): `kk` starts at the tile's first row.
+    QueriesFromRow,
+}
+
+/// Rows and columns of C held in registers by one [`tile`]: 4 x 16 floats is 8 AVX2 registers,
+/// and each step over `k` loads 2 vectors of B and 4 scalars of A for 8 FMAs.
+const MR: usize = 4;
+const NR: usize = 16;
+
+/// `C[..R][..N] += op(A)[..R][..k] * B[..k][..N]`, summed over `k` in order in registers and then
+/// added to C. `op(A)[r][kk]` is `a[r * lda + kk]`, or `a[kk * lda + r]` with `TA` (A transposed).
 #[inline(always)]
-pub(super) fn axpy_rows<'a, I: Isa>(dst: &mut [f32], a: &[f32], row: impl Fn(usize) -> &'a [f32]) {
-    let n = dst.len();
-    let mut r = 0;
-    while r + 4 <= a.len() {
-        let (a0, a1, a2, a3) = (a[r], a[r + 1], a[r + 2], a[r + 3]);
-        let (x0, x1, x2, x3) = (
-            &row(r)[..n],
-            &row(r + 1)[..n],
-            &row(r + 2)[..n],
-            &row(r + 3)[..n],
-        );
-        for ((((d, &v0), &v1), &v2), &v3) in dst.iter_mut().zip(x0).zip(x1).zip(x2).zip(x3) {
-            *d = I::madd(
-                a3,
-                v3,
-                I::madd(a2, v2, I::madd(a1, v1, I::madd(a0, v0, *d))),
-            );
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+fn tile<I: Isa, const R: usize, const N: usize, const TA: bool>(
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    let mut acc = [[0f32; N]; R];
+    if TA {
+        for (a, b) in a.chunks(lda).zip(b.chunks(ldb)).take(k) {
+            let (a, b) = (&a[..R], &b[..N]);
+            for r in 0..R {
+                for n in 0..N {
+                    acc[r][n] = I::madd(a[r], b[n], acc[r][n]);
+                }
+            }
         }
-        r += 4;
+    } else {
+        let rows: [&[f32]; R] = std::array::from_fn(|r| &a[r * lda..r * lda + k]);
+        for (kk, b) in b.chunks(ldb).take(k).enumerate() {
+            let b = &b[..N];
+            for r in 0..R {
+                let a = rows[r][kk];
+                for n in 0..N {
+                    acc[r][n] = I::madd(a, b[n], acc[r][n]);
+                }
+            }
+        }
     }
-    while r < a.len() {
-        axpy::<I>(dst, a[r], &row(r)[..n]);
-        r += 1;
+    for (r, acc) in acc.iter().enumerate() {
+        for (c, &x) in c[r * ldc..r * ldc + N].iter_mut().zip(acc) {
+            *c += x;
+        }
     }
 }
+
+/// `C (m, n) += op(A) (m, k) * B (k, n)`, row-major with leading dimensions `lda`, `ldb`, `ldc`
+/// (see [`tile`] for `TA`), skipping what `causal` says is not needed. Register tiles of
+/// [`MR`] x [`NR`]; edges use narrower tiles. Each element of C gets its sum over `k` in order,
+/// the same for any caller, so the result is deterministic.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn gemm<I: Isa, const TA: bool>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    causal: Causal,
+) {
+    let mut i = 0;
+    while i < m {
+        let mr = MR.min(m - i);
+        // The range of k this row tile needs.
+        let (k0, k1) = match causal {
+            Causal::KeysUpToRow => (0, k.min(i + mr)),
+            Causal::QueriesFromRow => (i.min(k), k),
+            Causal::Full | Causal::Lower => (0, k),
+        };
+        if k1 <= k0 {
+            i += mr;
+            continue;
+        }
+        let a_tile = if TA {
+            &a[k0 * lda + i..]
+        } else {
+            &a[i * lda + k0..]
+        };
+        let b_tile = &b[k0 * ldb..];
+        let c_tile = &mut c[i * ldc..];
+        let mut j = 0;
+        while j < n {
+            if causal == Causal::Lower && j > i + mr - 1 {
+                break;
+            }
+            let nr = match n - j {
+                r if r >= NR => NR,
+                r if r >= 8 => 8,
+                _ => 1,
+            };
+            let (b, c) = (&b_tile[j..], &mut c_tile[j..]);
+            let kk = k1 - k0;
+            match (mr, nr) {
+                (4, 16) => tile::<I, 4, 16, TA>(kk, a_tile, lda, b, ldb, c, ldc),
+                (3, 16) => tile::<I, 3, 16, TA>(kk, a_tile, lda, b, ldb, c, ldc),
+                (2, 16) => tile::<I, 2, 16, TA>(kk, a_tile, lda, b, ldb, c, ldc),
+                (1, 16) => tile::<I, 1, 16, TA>(kk, a_tile, lda, b, ldb, c, ldc),
+                (4, 8) => tile::<I, 4, 8, TA>(kk, a_tile, lda, b, ldb, c, ldc),
+                (3, 8) => tile::<I, 3, 8, TA>(kk, a_tile, lda, b, ldb, c, ldc),
+                (2, 8) => tile::<I, 2, 8, TA>(kk, a_tile, lda, b, ldb, c, ldc),
+                (1, 8) => tile::<I, 1, 8, TA>(kk, a_tile, lda, b, ldb, c, ldc),
+                (4, _) => tile::<I, 4, 1, TA>(kk, a_tile, lda, b, ldb, c, ldc),
+                (3, _) => tile::<I, 3, 1, TA>(kk, a_tile, lda, b, ldb, c, ldc),
+                (2, _) => tile::<I, 2, 1, TA>(kk, a_tile, lda, b, ldb, c, ldc),
+                _ => tile::<I, 1, 1, TA>(kk, a_tile, lda, b, ldb, c, ldc),
+            }
+            j += nr;
+        }
+        i += mr;
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn gemm_nn_generic<I: Isa>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    causal: Causal,
+) {
+    gemm::<I, false>(m, n, k, a, lda, b, ldb, c, ldc, causal)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn gemm_tn_generic<I: Isa>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    causal: Causal,
+) {
+    gemm::<I, true>(m, n, k, a, lda, b, ldb, c, ldc, causal)
+}
+
+multiversion!(
+    /// `C += A B` (see [`gemm`]).
+    pub(super) fn gemm_nn = gemm_nn_generic(
+        m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32], ldb: usize,
+        c: &mut [f32], ldc: usize, causal: Causal,
+    );
+);
+multiversion!(
+    /// `C += A^T B` (see [`gemm`]).
+    pub(super) fn gemm_tn = gemm_tn_generic(
+        m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32], ldb: usize,
+        c: &mut [f32], ldc: usize, causal: Causal,
+    );
+);
