@@ -129,7 +129,10 @@ fn median(v: &[f64]) -> f64 {
 
 fn check(a: &BenchTrainArgs) -> Result<()> {
     if a.threads.is_empty() || a.threads.contains(&0) {
-        bail!("--threads must list thread counts of at least 1 (got {:?})", a.threads);
+        bail!(
+            "--threads must list thread counts of at least 1 (got {:?})",
+            a.threads
+        );
     }
     if a.steps == 0 {
         bail!("--steps must be at least 1 (the timed steps)");
@@ -414,8 +417,14 @@ fn worker(a: &BenchTrainArgs) -> Result<()> {
     let mut losses = Vec::with_capacity(batches.len());
     for (i, micro) in batches.into_iter().enumerate() {
         let t0 = Instant::now();
-        let (loss, _norm) =
-            kiln_train::train_step(&model, &mut opt, std::slice::from_ref(&micro), b, t, GRAD_CLIP)?;
+        let (loss, _norm) = kiln_train::train_step(
+            &model,
+            &mut opt,
+            std::slice::from_ref(&micro),
+            b,
+            t,
+            GRAD_CLIP,
+        )?;
         let dt = t0.elapsed().as_secs_f64();
         losses.push(loss as f64);
         if i >= a.warmup {
@@ -496,7 +505,10 @@ fn peer_env(python: Option<&Path>) -> Result<Peer> {
     let torch_version = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let pinned = TORCH.trim_start_matches("torch==");
     if torch_version.split('+').next() != Some(pinned) {
-        eprintln!("note: {} has torch {torch_version}; the bench pins {pinned}", python.display());
+        eprintln!(
+            "note: {} has torch {torch_version}; the bench pins {pinned}",
+            python.display()
+        );
     }
     let dir = store.home().join("bench");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;

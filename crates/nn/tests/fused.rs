@@ -624,12 +624,12 @@ fn zz_timing() {
     let r = rng.tensor(&[b, h, t, d], 1.0);
     let ins = [q.clone(), k.clone(), v.clone()];
     let s = 0.125;
-    time_it("attn identity fwd+bwd (loss overhead)", 5, || { run(&ins, &r, |x| (&x[0] + 0.0).unwrap()); });
+    time_it("attn identity fwd+bwd (loss overhead)", 20, || { run(&ins, &r, |x| (&x[0] + 0.0).unwrap()); });
     if std::env::var("ONLY_ATTN").is_ok() { for _ in 0..40 { run(&ins, &r, |x| fused::causal_attention(&x[0], &x[1], &x[2], s).unwrap()); } return; }
-    time_it("attn fused fwd", 5, || { fused::causal_attention(&q, &k, &v, s).unwrap(); });
-    time_it("attn naive fwd", 5, || { naive_attention(&q, &k, &v, s); });
-    time_it("attn fused fwd+bwd", 5, || { run(&ins, &r, |x| fused::causal_attention(&x[0], &x[1], &x[2], s).unwrap()); });
-    time_it("attn naive fwd+bwd", 5, || { run(&ins, &r, |x| naive_attention(&x[0], &x[1], &x[2], s)); });
+    time_it("attn fused fwd", 20, || { fused::causal_attention(&q, &k, &v, s).unwrap(); });
+    time_it("attn naive fwd", 20, || { naive_attention(&q, &k, &v, s); });
+    time_it("attn fused fwd+bwd", 20, || { run(&ins, &r, |x| fused::causal_attention(&x[0], &x[1], &x[2], s).unwrap()); });
+    time_it("attn naive fwd+bwd", 20, || { run(&ins, &r, |x| naive_attention(&x[0], &x[1], &x[2], s)); });
     let x = rng.tensor(&[16 * 128, 768], 1.0);
     let w = rng.tensor(&[768], 1.0);
     let bb = rng.tensor(&[768], 1.0);
