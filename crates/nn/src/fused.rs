@@ -27,11 +27,13 @@
 //!
 //! **Determinism.** The same inputs give bit-identical outputs and gradients on every run and for
 //! any rayon thread count: work is split into chunks fixed by the shapes alone (rows for norms and
-//! cross-entropy, (batch, head, query block) for attention forward, (batch, kv head) for
-//! attention backward), every output element is written by exactly one task in a fixed order, and
-//! sums across chunks (the norms' weight and bias gradients) are per-chunk partials added in chunk
-//! order. The instruction set (AVX2 + FMA or baseline, see `simd.rs`) is picked from the CPU, so
-//! bits can differ between machines, never between runs on one.
+//! cross-entropy, (batch, head, query block) for attention forward, (batch, kv head) or, with few
+//! of those, key blocks for dK/dV and query blocks for dQ in attention backward), every output
+//! element is written by exactly one task in a fixed order, and sums across chunks (the norms'
+//! weight and bias gradients) are per-chunk partials added in chunk order. The two attention
+//! backward schedules add the same blocks in the same order, so they give the same bits. The
+//! instruction set (AVX2 + FMA or baseline, see `simd.rs`) is picked from the CPU, so bits can
+//! differ between machines, never between runs on one.
 
 mod attention;
 mod cross_entropy;

@@ -148,14 +148,231 @@ fn explain_gguf(e: candle_core::Error) -> String {
     }
 }
 
+/// Reads a GGUF header ahead of candle, tracking the position itself (no seek per value).
+struct HeaderScan<'a> {
+    reader: &'a mut BufReader<File>,
+    pos: u64,
+    len: u64,
+}
+
+impl HeaderScan<'_> {
+    fn bytes<const N: usize>(&mut self) -> Option<[u8; N]> {
+        use std::io::Read;
+        let mut b = [0u8; N];
+        self.reader.read_exact(&mut b).ok()?;
+        self.pos += N as u64;
+        Some(b)
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        self.bytes().map(u32::from_le_bytes)
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        self.bytes().map(u64::from_le_bytes)
+    }
+
+    /// Skips `n` bytes if the file has them.
+    fn skip(&mut self, n: u64) -> Option<()> {
+        if n > self.len.saturating_sub(self.pos) {
+            return None;
+        }
+        self.reader.seek_relative(i64::try_from(n).ok()?).ok()?;
+        self.pos += n;
+        Some(())
+    }
+
+    /// Skips one value of GGUF type `ty`. Accepts everything candle's reader accepts (arrays nest
+    /// 64 deep there), so that a header this rejects is one candle rejects too.
+    fn skip_value(&mut self, ty: u32, depth: usize) -> Option<()> {
+        let fixed = |ty: u32| match ty {
+            0 | 1 | 7 => Some(1u64), // u8, i8, bool
+            2 | 3 => Some(2),        // u16, i16
+            4..=6 => Some(4),        // u32, i32, f32
+            10..=12 => Some(8),      // u64, i64, f64
+            _ => None,
+        };
+        if let Some(n) = fixed(ty) {
+            return self.skip(n);
+        }
+        match ty {
+            8 => {
+                let len = self.u64()?;
+                self.skip(len)
+            }
+            9 if depth <= 64 => {
+                let elem = self.u32()?;
+                let len = self.u64()?;
+                match fixed(elem) {
+                    Some(n) => self.skip(len.checked_mul(n)?),
+                    // Strings and arrays take at least 8 bytes each, so this loop ends within
+                    // the file's length.
+                    None => (0..len).try_for_each(|_| self.skip_value(elem, depth + 1)),
+                }
+            }
+            _ => None,
+        }
+    }
+}
+
+/// What candle's `gguf_file::Content::read` cannot be given: it divides by `general.alignment`
+/// (a file that sets it to 0 panics it), and kiln refuses v1 files, so they are refused before
+/// candle parses them. Walks the metadata of a v2/v3 file without allocating (values are skipped,
+/// every length is checked against the bytes left). A header it cannot walk is one candle
+/// cannot read either, and candle's error names the problem, so that is left to candle.
+fn check_gguf_header(reader: &mut BufReader<File>, file_len: u64) -> std::result::Result<(), String> {
+    let mut h = HeaderScan {
+        reader,
+        pos: 0,
+        len: file_len,
+    };
+    let (Some(magic), Some(version)) = (h.bytes::<4>(), h.u32()) else {
+        return Ok(());
+    };
+    if &magic != b"GGUF" && &magic != b"FUGG" {
+        return Ok(());
+    }
+    if version == 1 {
+        return Err("GGUF version 1 is not supported (re-convert to v2 or v3)".into());
+    }
+    if version != 2 && version != 3 {
+        return Ok(());
+    }
+    let (Some(_tensor_count), Some(kv_count)) = (h.u64(), h.u64()) else {
+        return Ok(());
+    };
+    const KEY: &[u8] = b"general.alignment";
+    let mut alignment = None;
+    // Each entry takes at least 13 bytes, so this loop ends within the file's length.
+    for _ in 0..kv_count {
+        let Some(key_len) = h.u64() else {
+            return Ok(());
+        };
+        // candle drops trailing NULs from keys, so `general.alignment\0\0` is the same key.
+        // Compares byte by byte and skips the rest of the key at the first difference.
+        let mut is_alignment = key_len >= KEY.len() as u64;
+        let mut read = 0u64;
+        while is_alignment && read < key_len {
+            let Some([b]) = h.bytes::<1>() else {
+                return Ok(());
+            };
+            is_alignment = b == KEY.get(read as usize).copied().unwrap_or(0);
+            read += 1;
+        }
+        if h.skip(key_len - read).is_none() {
+            return Ok(());
+        }
+        let Some(ty) = h.u32() else {
+            return Ok(());
+        };
+        if !is_alignment {
+            if h.skip_value(ty, 0).is_none() {
+                return Ok(());
+            }
+            continue;
+        }
+        // The types candle takes the alignment from; for any other type or a negative value it
+        // uses the default. The last occurrence of the key wins, as in candle's map.
+        let value = match ty {
+            0 => h.bytes::<1>().map(|[b]| Some(b as u64)),
+            1 => h.bytes::<1>().map(|[b]| u64::try_from(b as i8).ok()),
+            2 => h.bytes().map(|b| Some(u16::from_le_bytes(b) as u64)),
+            3 => h.bytes().map(|b| u64::try_from(i16::from_le_bytes(b)).ok()),
+            4 => h.u32().map(|v| Some(v as u64)),
+            5 => h.bytes().map(|b| u64::try_from(i32::from_le_bytes(b)).ok()),
+            _ => h.skip_value(ty, 0).map(|()| None),
+        };
+        match value {
+            Some(v) => alignment = v,
+            None => return Ok(()),
+        }
+    }
+    if alignment == Some(0) {
+        return Err(
+            "general.alignment is 0: the tensor data alignment must be positive (llama.cpp writes 32)"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// Checks every tensor of a GGUF header against the file before anything is read, so that a
+/// corrupt header is reported at open time, by tensor name, and never reaches arithmetic that
+/// panics or allocations the file's size does not bound.
+fn check_gguf_tensors(content: &gguf_file::Content, file_len: u64) -> std::result::Result<(), String> {
+    let mut extents = Vec::with_capacity(content.tensor_infos.len());
+    for (name, info) in &content.tensor_infos {
+        let dims = info.shape.dims();
+        let dtype = info.ggml_dtype;
+        // candle multiplies the dimensions (`Shape::elem_count`) and then the block count by the
+        // block's byte size without checking; dimensions like 2^40 x 2^40 overflow both (a panic
+        // with overflow checks, a wrong small size without).
+        let elems = dims
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .ok_or_else(|| format!("tensor `{name}`: dimensions {dims:?} overflow"))?;
+        // ggml stores whole blocks per row: a row length (the innermost dimension) that is not a
+        // multiple of the block size cannot be a real tensor, and the dequantize and matmul
+        // kernels assume it is one.
+        let row = dims.last().copied().unwrap_or(1);
+        let block = dtype.block_size();
+        if !row.is_multiple_of(block) {
+            return Err(format!(
+                "tensor `{name}` ({dtype:?}, shape {dims:?}): a row of {row} elements is not a \
+                 whole number of {block}-element blocks"
+            ));
+        }
+        let bytes = (elems / block)
+            .checked_mul(dtype.type_size())
+            .and_then(|b| u64::try_from(b).ok())
+            .ok_or_else(|| format!("tensor `{name}`: {dims:?} {dtype:?} is too large"))?;
+        // The data must lie inside the file (a truncated file or an offset past its end), checked
+        // once here instead of failing late, after the loader has read other tensors.
+        let start = content.tensor_data_offset.checked_add(info.offset);
+        let end = start.and_then(|s| s.checked_add(bytes));
+        match (start, end) {
+            (Some(start), Some(end)) if end <= file_len => {
+                if bytes > 0 {
+                    extents.push((start, end, name));
+                }
+            }
+            _ => {
+                return Err(format!(
+                    "tensor `{name}` ({dtype:?}, shape {dims:?}) needs {bytes} bytes at offset {} \
+                     of the data section, past the end of the {file_len}-byte file (truncated?)",
+                    info.offset
+                ))
+            }
+        }
+    }
+    // Tensors must not share bytes (llama.cpp requires them back to back): otherwise thousands
+    // of tensor entries could name the same megabytes and the loader would allocate far more
+    // than the file holds.
+    extents.sort_unstable();
+    for pair in extents.windows(2) {
+        let ((_, end_a, a), (start_b, _, b)) = (pair[0], pair[1]);
+        if start_b < end_a {
+            return Err(format!("tensors `{a}` and `{b}` overlap in the file"));
+        }
+    }
+    Ok(())
+}
+
 impl Weights {
-    /// Opens a GGUF file (v2 or v3) and reads its header; tensors are read when asked for.
+    /// Opens a GGUF file (v2 or v3) and reads its header; tensors are read when asked for. The
+    /// header is validated first (see `check_gguf_header`, `check_gguf_tensors`), so a corrupt
+    /// file fails here with an error that names the problem.
     pub fn open_gguf(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|source| NnError::Io {
+        let io = |source| NnError::Io {
             path: path.to_path_buf(),
             source,
-        })?;
+        };
+        let file = File::open(path).map_err(io)?;
+        let file_len = file.metadata().map_err(io)?.len();
         let mut reader = BufReader::new(file);
+        check_gguf_header(&mut reader, file_len).map_err(|e| bad(path, "GGUF", e))?;
+        use std::io::Seek;
+        reader.rewind().map_err(io)?;
         let content = gguf_file::Content::read(&mut reader)
             .map_err(|e| bad(path, "GGUF", explain_gguf(e)))?;
         if matches!(content.magic, gguf_file::VersionedMagic::GgufV1) {
@@ -165,6 +382,7 @@ impl Weights {
                 "GGUF version 1 is not supported (re-convert to v2 or v3)",
             ));
         }
+        check_gguf_tensors(&content, file_len).map_err(|e| bad(path, "GGUF", e))?;
         Ok(Self {
             source: Source::Gguf {
                 path: path.to_path_buf(),

@@ -363,6 +363,18 @@ fn rope_matches_naive() {
 
 #[test]
 fn causal_attention_matches_naive() {
+    // One thread: backward runs one task per (batch, kv head). Eight threads and B * H_kv <= 8:
+    // backward splits dK/dV per key block and dQ per query block.
+    for threads in [1, 8] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(attention_cases);
+    }
+}
+
+fn attention_cases() {
     let mut rng = Rng(4);
     let (b, hq) = (2, 4);
     for hkv in [1usize, 2, 4] {
@@ -514,7 +526,9 @@ fn all_ops_bits() -> Vec<Vec<u32>> {
 fn outputs_and_grads_are_bit_identical_across_runs_and_thread_counts() {
     let first = all_ops_bits();
     assert_eq!(first, all_ops_bits(), "two runs differ");
-    for threads in [1, 2, 3, 5] {
+    // The attention case has B * H_kv = 4 groups: with 3 or 8 threads its backward takes the
+    // split path (dK/dV per key block, dQ per query block), with 1, 2 or 5 one task per group.
+    for threads in [1, 2, 3, 5, 8] {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
@@ -598,59 +612,4 @@ fn bad_inputs_are_errors_not_panics() {
     assert!(fused::cross_entropy(&logits, &t_oob, 8).is_ok());
     let l3 = rng.tensor(&[1, 3, 8], 1.0);
     assert!(is_shape(fused::cross_entropy(&l3, &targets, u32::MAX)));
-}
-
-// TEMPORARY timing (removed before hand-off).
-fn time_it(label: &str, reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    let mut best = f64::INFINITY;
-    for _ in 0..reps {
-        let t0 = std::time::Instant::now();
-        f();
-        best = best.min(t0.elapsed().as_secs_f64() * 1e3);
-    }
-    eprintln!("{label}: {best:.2} ms");
-    best
-}
-
-#[test]
-#[ignore]
-fn zz_timing() {
-    let mut rng = Rng(11);
-    let (b, h, t, d) = (16, 4, 128, 64);
-    let q = rng.tensor(&[b, h, t, d], 2.0);
-    let k = rng.tensor(&[b, h, t, d], 2.0);
-    let v = rng.tensor(&[b, h, t, d], 1.0);
-    let r = rng.tensor(&[b, h, t, d], 1.0);
-    let ins = [q.clone(), k.clone(), v.clone()];
-    let s = 0.125;
-    time_it("attn identity fwd+bwd (loss overhead)", 20, || { run(&ins, &r, |x| (&x[0] + 0.0).unwrap()); });
-    if std::env::var("ONLY_ATTN").is_ok() { for _ in 0..40 { run(&ins, &r, |x| fused::causal_attention(&x[0], &x[1], &x[2], s).unwrap()); } return; }
-    time_it("attn fused fwd", 20, || { fused::causal_attention(&q, &k, &v, s).unwrap(); });
-    time_it("attn naive fwd", 20, || { naive_attention(&q, &k, &v, s); });
-    time_it("attn fused fwd+bwd", 20, || { run(&ins, &r, |x| fused::causal_attention(&x[0], &x[1], &x[2], s).unwrap()); });
-    time_it("attn naive fwd+bwd", 20, || { run(&ins, &r, |x| naive_attention(&x[0], &x[1], &x[2], s)); });
-    let x = rng.tensor(&[16 * 128, 768], 1.0);
-    let w = rng.tensor(&[768], 1.0);
-    let bb = rng.tensor(&[768], 1.0);
-    let r = rng.tensor(&[16 * 128, 768], 1.0);
-    let ins = [x.clone(), w.clone()];
-    time_it("rms fused fwd+bwd", 5, || { run(&ins, &r, |x| fused::rms_norm(&x[0], &x[1], 1e-5).unwrap()); });
-    time_it("rms naive fwd+bwd", 5, || { run(&ins, &r, |x| naive_rms_norm(&x[0], &x[1], 1e-5)); });
-    let ins = [x.clone(), w.clone(), bb.clone()];
-    time_it("ln fused fwd+bwd", 5, || { run(&ins, &r, |x| fused::layer_norm(&x[0], &x[1], &x[2], 1e-5).unwrap()); });
-    time_it("ln naive fwd+bwd", 5, || { run(&ins, &r, |x| naive_layer_norm(&x[0], &x[1], &x[2], 1e-5)); });
-    let logits = rng.tensor(&[1024, 8192], 4.0);
-    let targets: Vec<u32> = (0..1024).map(|_| rng.below(8192)).collect();
-    let tt = Tensor::from_vec(targets.clone(), 1024, &Device::Cpu).unwrap();
-    let one = Tensor::new(1f32, &Device::Cpu).unwrap();
-    let ins = [logits];
-    time_it("ce fused fwd+bwd", 5, || { run(&ins, &one, |x| fused::cross_entropy(&x[0], &tt, u32::MAX).unwrap()); });
-    time_it("ce naive fwd+bwd", 5, || { run(&ins, &one, |x| naive_cross_entropy(&x[0], &targets, u32::MAX)); });
-    let (cos, sin) = tables(&mut rng, &[], 128, 64);
-    let x = rng.tensor(&[16, 12, 128, 64], 1.0);
-    let r = rng.tensor(&[16, 12, 128, 64], 1.0);
-    let ins = [x];
-    time_it("rope fused fwd+bwd", 5, || { run(&ins, &r, |x| fused::rope(&x[0], &cos, &sin).unwrap()); });
-    time_it("rope naive fwd+bwd", 5, || { run(&ins, &r, |x| naive_rope(&x[0], &cos, &sin)); });
 }
