@@ -128,6 +128,14 @@ impl Config {
                 self.head_dim
             ));
         }
+        // The projections are (num_heads * head_dim, hidden): values from a file whose product
+        // overflows would wrap to a small width that some tensor could match.
+        if self.num_heads.checked_mul(self.head_dim).is_none() {
+            return bad(format!(
+                "num_heads {} x head_dim {} overflows",
+                self.num_heads, self.head_dim
+            ));
+        }
         if !(self.rms_norm_eps > 0.0) {
             return bad(format!(
                 "rms_norm_eps {} must be positive",
@@ -241,11 +249,21 @@ impl Config {
                 )))
             }
         };
+        let num_layers = meta.usize(&k("block_count"))?;
+        // Each layer is at least nine tensors (`blk.{i}.*`); a count the file cannot hold is
+        // named here rather than as a missing tensor of some layer.
+        let last = format!("blk.{}.attn_norm.weight", num_layers.saturating_sub(1));
+        if num_layers > 0 && !weights.contains(&last) {
+            return Err(ModelError::Config(format!(
+                "{} is {num_layers}, but the file has no `{last}`",
+                k("block_count")
+            )));
+        }
         let cfg = Self {
             vocab_size,
             hidden_size,
             intermediate_size: meta.usize(&k("feed_forward_length"))?,
-            num_layers: meta.usize(&k("block_count"))?,
+            num_layers,
             num_heads,
             num_kv_heads,
             head_dim,
@@ -700,7 +718,9 @@ impl Llama {
                 Norm::Rms(RmsNorm::new(weight, cfg.rms_norm_eps)?)
             })
         };
-        let mut layers = Vec::with_capacity(cfg.num_layers);
+        // Not `with_capacity(cfg.num_layers)`: the count comes from the file, and a corrupt one
+        // (2^40 layers) would abort on the allocation before the first missing layer is noticed.
+        let mut layers = Vec::new();
         for i in 0..cfg.num_layers {
             let attn_norm = norm(w, &names(i, "attn_norm"))?;
             let q = linear(w, i, "q", cfg.qkv_bias, (qn, h))?;
@@ -781,8 +801,11 @@ impl Llama {
         self.check_ids(ids, 0, t)?;
         let ids = ids.to_dtype(DType::U32).map_err(nn("ids to u32"))?;
         let mut x = self.embed_positions(&ids, 0, t)?;
-        let cos_sin = self.rope.cos_sin(0, t, &self.device)?;
-        let rope = self.uses_rope().then_some((&self.rope, &cos_sin));
+        let cos_sin = match self.uses_rope() {
+            true => Some(self.rope.cos_sin(0, t, &self.device)?),
+            false => None,
+        };
+        let rope = cos_sin.as_ref().map(|cs| (&self.rope, cs));
         for layer in &self.layers {
             x = layer.forward(&x, &self.cfg, rope, Attend::Train)?;
         }
@@ -941,8 +964,11 @@ impl Llama {
         self.check_ids(input_ids, start_pos, t)?;
         let ids = input_ids.to_dtype(DType::U32).map_err(nn("ids to u32"))?;
         let mut x = self.embed_positions(&ids, start_pos, t)?; // (B, T, hidden)
-        let cos_sin = self.rope.cos_sin(start_pos, t, &self.device)?;
-        let rope = self.uses_rope().then_some((&self.rope, &cos_sin));
+        let cos_sin = match self.uses_rope() {
+            true => Some(self.rope.cos_sin(start_pos, t, &self.device)?),
+            false => None,
+        };
+        let rope = cos_sin.as_ref().map(|cs| (&self.rope, cs));
         // A failing layer leaves entries past `cache.len()` in the layers before it; they are
         // overwritten by the next forward pass because `len` only moves after the last layer.
         for (i, layer) in self.layers.iter().enumerate() {

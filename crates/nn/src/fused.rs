@@ -25,6 +25,11 @@
 //!   `ignore_index`. Forward saves each row's logsumexp; backward writes
 //!   `(e^(x - lse) - onehot(t)) * g / count` in one pass over the logits.
 //!
+//! - [`linear`]: `y = x W^T + b` in one node, `dx = dy W`, `dW = dy^T x`, `db = sum_rows(dy)`
+//!   on the `gemm` crate (see `fused/linear.rs`).
+//! - [`gelu_tanh`] and [`swiglu`]: the MLP activations, elementwise with their derivatives
+//!   (formulas in `fused/activation.rs`).
+//!
 //! **Determinism.** The same inputs give bit-identical outputs and gradients on every run and for
 //! any rayon thread count: work is split into chunks fixed by the shapes alone (rows for norms and
 //! cross-entropy, (batch, head, query block) for attention forward, (batch, kv head) or, with few
@@ -35,8 +40,10 @@
 //! instruction set (AVX2 + FMA or baseline, see `simd.rs`) is picked from the CPU, so bits can
 //! differ between machines, never between runs on one.
 
+mod activation;
 mod attention;
 mod cross_entropy;
+mod linear;
 mod norm;
 mod rope;
 mod simd;
@@ -46,6 +53,61 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, StorageRef, Tensor,
 };
 use std::sync::Mutex;
+
+/// `x` (..., K), `weight` (N, K), optional `bias` (N): `x W^T + b` -> (..., N). Grads to all.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    const OP: &str = "fused::linear";
+    check_input("fused::linear x", x, DType::F32)?;
+    check_input("fused::linear weight", weight, DType::F32)?;
+    let (n, k) = weight
+        .dims2()
+        .map_err(|_| shape_err(OP, "weight of rank 2 (N, K)", weight))?;
+    let kx = last_dim(OP, x)?;
+    if kx != k {
+        return Err(NnError::Shape {
+            op: OP,
+            expected: format!("x ending in {k} (the weight's input size)"),
+            got: format!("{:?}", x.dims()),
+        });
+    }
+    let x = x.contiguous().op(OP)?;
+    let w = weight.contiguous().op(OP)?;
+    match bias {
+        None => x.apply_op2(&w, LinearOp { n, k }).op(OP),
+        Some(b) => {
+            check_input("fused::linear bias", b, DType::F32)?;
+            check_vector(OP, b, n)?;
+            let b = b.contiguous().op(OP)?;
+            x.apply_op3(&w, &b, LinearOp { n, k }).op(OP)
+        }
+    }
+}
+
+/// GELU with the tanh approximation (GPT-2; torch `gelu(approximate="tanh")`), elementwise.
+/// Grad to `x`.
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    const OP: &str = "fused::gelu_tanh";
+    check_input(OP, x, DType::F32)?;
+    let x = x.contiguous().op(OP)?;
+    x.apply_op1(GeluOp).op(OP)
+}
+
+/// SwiGLU's gating: `silu(gate) * up`, elementwise over two tensors of one shape. Grads to both.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    const OP: &str = "fused::swiglu";
+    check_input("fused::swiglu gate", gate, DType::F32)?;
+    check_input("fused::swiglu up", up, DType::F32)?;
+    if gate.dims() != up.dims() {
+        return Err(NnError::Shape {
+            op: OP,
+            expected: format!("up of the shape of gate {:?}", gate.dims()),
+            got: format!("{:?}", up.dims()),
+        });
+    }
+    let g = gate.contiguous().op(OP)?;
+    let u = up.contiguous().op(OP)?;
+    g.apply_op2(&u, SwiGluOp).op(OP)
+}
 
 /// `x` (..., D), `weight` (D): `x / sqrt(mean(x^2) + eps) * weight`. Grads to `x` and `weight`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
@@ -541,5 +603,157 @@ impl CustomOp1 for CrossEntropyOp {
             cross_entropy::grad(xd.get(), v, &self.targets, self.ignore_index, &lse, coef)
         };
         Ok(Some(grad_tensor(dx, logits)?))
+    }
+}
+
+struct GeluOp;
+
+impl CustomOp1 for GeluOp {
+    fn name(&self) -> &'static str {
+        "kiln-fused-gelu-tanh"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = activation::gelu(cpu_f32(s, l)?);
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        let dx = {
+            let (xd, gd) = (F32Data::new(x)?, F32Data::new(&grad)?);
+            activation::gelu_bwd(xd.get(), gd.get())
+        };
+        Ok(Some(grad_tensor(dx, x)?))
+    }
+}
+
+struct SwiGluOp;
+
+impl CustomOp2 for SwiGluOp {
+    fn name(&self) -> &'static str {
+        "kiln-fused-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = activation::swiglu(cpu_f32(s1, l1)?, cpu_f32(s2, l2)?);
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (dg, du) = {
+            let (g, u, d) = (F32Data::new(gate)?, F32Data::new(up)?, F32Data::new(&grad)?);
+            activation::swiglu_bwd(g.get(), u.get(), d.get())
+        };
+        Ok((Some(grad_tensor(dg, gate)?), Some(grad_tensor(du, up)?)))
+    }
+}
+
+struct LinearOp {
+    n: usize,
+    k: usize,
+}
+
+impl LinearOp {
+    fn out_shape(&self, l: &Layout) -> Shape {
+        let mut dims = l.shape().dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = self.n;
+        }
+        Shape::from(dims)
+    }
+
+    fn grads(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Vec<f32>)> {
+        let grad = grad.contiguous()?;
+        let (dx, dw, db) = {
+            let (xd, wd, gd) = (F32Data::new(x)?, F32Data::new(w)?, F32Data::new(&grad)?);
+            let m = xd.get().len() / self.k;
+            (
+                linear::grad_x(gd.get(), wd.get(), m, self.n, self.k),
+                linear::grad_w(gd.get(), xd.get(), m, self.n, self.k),
+                linear::grad_b(gd.get(), self.n),
+            )
+        };
+        Ok((grad_tensor(dx, x)?, grad_tensor(dw, w)?, db))
+    }
+}
+
+impl CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "kiln-fused-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(s1, l1)?;
+        let y = linear::forward(x, cpu_f32(s2, l2)?, None, x.len() / self.k, self.n, self.k);
+        Ok((CpuStorage::F32(y), self.out_shape(l1)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = self.grads(x, w, grad)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "kiln-fused-linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(s1, l1)?;
+        let b = cpu_f32(s3, l3)?;
+        let y = linear::forward(x, cpu_f32(s2, l2)?, Some(b), x.len() / self.k, self.n, self.k);
+        Ok((CpuStorage::F32(y), self.out_shape(l1)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = self.grads(x, w, grad)?;
+        Ok((Some(dx), Some(dw), Some(grad_tensor(db, b)?)))
     }
 }

@@ -148,18 +148,8 @@ impl Linear {
     /// `x` is (..., in); returns (..., out).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
-            Weight::Dense(w) => {
-                // Flatten the leading dims so one 2-D gemm does the work: (M, in) x (in, out).
-                let dims = x.dims().to_vec();
-                let m: usize = dims[..dims.len().saturating_sub(1)].iter().product();
-                let x2 = x.reshape((m, self.in_features)).op("linear reshape")?;
-                let y = x2.matmul(&w.t().op("linear t")?).op("linear matmul")?;
-                let mut out_dims = dims;
-                if let Some(last) = out_dims.last_mut() {
-                    *last = self.out_features;
-                }
-                y.reshape(out_dims).op("linear reshape back")?
-            }
+            // One fused node with its backward (kiln's GEMM call), bias included.
+            Weight::Dense(w) => return crate::fused::linear(x, w, self.bias.as_ref()),
             Weight::Quantized(q) => {
                 let x = x.contiguous().op("qmatmul contiguous")?;
                 q.forward(&x).op("qmatmul")?

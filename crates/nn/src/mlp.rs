@@ -1,7 +1,7 @@
 //! Feed-forward blocks: SwiGLU (Shazeer 2020), `down(silu(gate(x)) * up(x))` (LLaMA), and the
 //! GELU MLP of GPT-2, `down(gelu_tanh(up(x)))`.
 
-use crate::{Linear, OpContext, Result};
+use crate::{Linear, Result};
 use candle_core::Tensor;
 
 #[derive(Debug, Clone)]
@@ -13,8 +13,7 @@ pub struct SwiGlu {
 
 impl SwiGlu {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = candle_nn::ops::silu(&self.gate.forward(x)?).op("silu")?;
-        let h = (g * self.up.forward(x)?).op("swiglu mul")?;
+        let h = crate::fused::swiglu(&self.gate.forward(x)?, &self.up.forward(x)?)?;
         self.down.forward(&h)
     }
 }
@@ -28,7 +27,7 @@ pub struct GeluMlp {
 
 impl GeluMlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.up.forward(x)?.gelu().op("gelu")?;
+        let h = crate::fused::gelu_tanh(&self.up.forward(x)?)?;
         self.down.forward(&h)
     }
 }
