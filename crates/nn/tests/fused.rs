@@ -519,7 +519,95 @@ fn all_ops_bits() -> Vec<Vec<u32>> {
     record(&[logits], &r, &|t| {
         fused::cross_entropy(&t[0], &targets, 9).unwrap()
     });
+    // Large enough that the GEMM splits its output between threads.
+    let x = rng.tensor(&[3, 67, 96], 1.0);
+    let w = rng.tensor(&[200, 96], 0.3);
+    let b = rng.tensor(&[200], 0.5);
+    let r = rng.tensor(&[3, 67, 200], 1.0);
+    record(&[x, w, b], &r, &|t| {
+        fused::linear(&t[0], &t[1], Some(&t[2])).unwrap()
+    });
+    let g = rng.tensor(&[5, 7000], 3.0);
+    let u = rng.tensor(&[5, 7000], 1.0);
+    let r = rng.tensor(&[5, 7000], 1.0);
+    record(&[g.clone(), u], &r, &|t| fused::swiglu(&t[0], &t[1]).unwrap());
+    record(&[g], &r, &|t| fused::gelu_tanh(&t[0]).unwrap());
     out
+}
+
+#[test]
+fn linear_matches_naive() {
+    let mut rng = Rng(21);
+    for (lead, k, n, bias) in [
+        (&[1usize][..], 13usize, 1usize, true),
+        (&[3, 5][..], 24, 7, true),
+        (&[67][..], 64, 256, false),
+        (&[2, 130][..], 96, 1000, true),
+    ] {
+        let mut xs = lead.to_vec();
+        xs.push(k);
+        let mut ys = lead.to_vec();
+        ys.push(n);
+        let x = rng.tensor(&xs, 1.0);
+        let w = rng.tensor(&[n, k], 0.5);
+        let b = rng.tensor(&[n], 0.5);
+        let r = rng.tensor(&ys, 1.0);
+        let case = format!("linear x {xs:?} w [{n}, {k}] bias {bias}");
+        let naive = |t: &[Tensor]| {
+            let y = t[0].broadcast_matmul(&t[1].t().unwrap()).unwrap();
+            if bias {
+                y.broadcast_add(&t[2]).unwrap()
+            } else {
+                y
+            }
+        };
+        check(&case, &["x", "w", "b"], &[x, w, b], &r, |t| {
+            fused::linear(&t[0], &t[1], bias.then_some(&t[2])).unwrap()
+        }, naive);
+    }
+    // A transposed (non-contiguous) input.
+    let x = rng.tensor(&[24, 9], 1.0).t().unwrap();
+    let w = rng.tensor(&[5, 24], 1.0);
+    let y = fused::linear(&x, &w, None).unwrap();
+    let want = x.matmul(&w.t().unwrap()).unwrap();
+    assert_close("linear transposed x", &y, &want);
+}
+
+#[test]
+fn gelu_and_swiglu_match_candle() {
+    let mut rng = Rng(22);
+    for shape in [&[1usize][..], &[1000][..], &[3, 7, 130][..]] {
+        // Scale 6 reaches the saturated tails of tanh and the sigmoid.
+        let x = rng.tensor(shape, 6.0);
+        let r = rng.tensor(shape, 1.0);
+        check(
+            &format!("gelu_tanh {shape:?}"),
+            &["x"],
+            &[x.clone()],
+            &r,
+            |t| fused::gelu_tanh(&t[0]).unwrap(),
+            |t| t[0].gelu().unwrap(),
+        );
+        let u = rng.tensor(shape, 2.0);
+        check(
+            &format!("swiglu {shape:?}"),
+            &["gate", "up"],
+            &[x, u],
+            &r,
+            |t| fused::swiglu(&t[0], &t[1]).unwrap(),
+            |t| (t[0].silu().unwrap() * &t[1]).unwrap(),
+        );
+    }
+    let a = rng.tensor(&[4, 5], 1.0);
+    let b = rng.tensor(&[5, 4], 1.0);
+    assert!(matches!(fused::swiglu(&a, &b), Err(NnError::Shape { .. })));
+    let w = rng.tensor(&[3, 6], 1.0);
+    assert!(matches!(fused::linear(&a, &w, None), Err(NnError::Shape { .. })));
+    let bias = rng.tensor(&[4], 1.0);
+    let w = rng.tensor(&[3, 5], 1.0);
+    assert!(fused::linear(&a, &w, Some(&bias)).is_err());
+    let ints = Tensor::new(&[1u32, 2], &Device::Cpu).unwrap();
+    assert!(fused::gelu_tanh(&ints).is_err());
 }
 
 #[test]
