@@ -519,36 +519,56 @@ impl Block {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3().map_err(nn("block dims"))?;
         let h = self.attn_norm.forward(x)?;
-        let heads = |lin: &Linear, n: usize| -> Result<Tensor> {
-            // (B, T, n * D) -> (B, n, T, D)
+        // (B, T, n * D) -> (B, T, n, D): a view, no copy.
+        let split = |lin: &Linear, n: usize| -> Result<Tensor> {
             lin.forward(&h)?
                 .reshape((b, t, n, cfg.head_dim))
-                .and_then(|y| y.transpose(1, 2))
                 .map_err(nn("split heads"))
         };
-        let rotate = |y: Tensor| -> Result<Tensor> {
-            match rope {
-                Some((rope, (cos, sin))) => Ok(rope.apply(&y, cos, sin)?),
-                None => Ok(y),
-            }
-        };
-        let q = rotate(heads(&self.q, cfg.num_heads)?)?;
-        let k = rotate(heads(&self.k, cfg.num_kv_heads)?)?;
-        let v = heads(&self.v, cfg.num_kv_heads)?;
+        let (q, k, v) = (
+            split(&self.q, cfg.num_heads)?,
+            split(&self.k, cfg.num_kv_heads)?,
+            split(&self.v, cfg.num_kv_heads)?,
+        );
         let att = match attend {
             Attend::Cache { cache, layer, pad } => {
-                let (k, v) = cache.append(layer, &k, &v)?;
-                causal_attention_padded(&q, &k, &v, self.window, pad)?
+                let front = |y: Tensor| y.transpose(1, 2).map_err(nn("heads to front"));
+                let rotate = |y: Tensor| -> Result<Tensor> {
+                    match rope {
+                        Some((rope, (cos, sin))) => Ok(rope.apply(&y, cos, sin)?),
+                        None => Ok(y),
+                    }
+                };
+                let q = rotate(front(q)?)?;
+                let k = rotate(front(k)?)?;
+                let (k, v) = cache.append(layer, &k, &front(v)?)?;
+                causal_attention_padded(&q, &k, &v, self.window, pad)? // (B, H, T, D)
+                    .transpose(1, 2)
+                    .map_err(nn("heads back"))?
             }
             Attend::Train => {
+                // Rotary embedding and attention on the (B, T, H, D) layout: no transposes or
+                // copies in the graph.
+                let (q, k) = match rope {
+                    Some((rope, (cos, sin))) => {
+                        if rope.layout() != RopeLayout::HalfSplit {
+                            return Err(ModelError::Config(
+                                "training needs the half-split rope layout (a Hugging Face folder or a new model), not a GGUF file's".into(),
+                            ));
+                        }
+                        (
+                            kiln_nn::fused::rope_bthd(&q, cos, sin)?,
+                            kiln_nn::fused::rope_bthd(&k, cos, sin)?,
+                        )
+                    }
+                    None => (q, k),
+                };
                 let scale = 1.0 / (cfg.head_dim as f32).sqrt();
-                let contig = |y: Tensor| y.contiguous().map_err(nn("attention contiguous"));
-                kiln_nn::fused::causal_attention(&contig(q)?, &contig(k)?, &contig(v)?, scale)?
+                kiln_nn::fused::causal_attention_bthd(&q, &k, &v, scale)?
             }
-        }; // (B, H, T, D)
+        }; // (B, T, H, D)
         let att = att
-            .transpose(1, 2)
-            .and_then(|a| a.reshape((b, t, cfg.num_heads * cfg.head_dim)))
+            .reshape((b, t, cfg.num_heads * cfg.head_dim))
             .map_err(nn("merge heads"))?;
         let x = (x + self.o.forward(&att)?).map_err(nn("attention residual"))?;
         let m = self.mlp.forward(&self.mlp_norm.forward(&x)?)?;

@@ -144,14 +144,31 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Resul
 /// used), as `candle_nn::rotary_emb::rope`. Grad to `x` only: cos and sin are constants.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     const OP: &str = "fused::rope";
-    check_input("fused::rope x", x, DType::F32)?;
-    check_input("fused::rope cos", cos, DType::F32)?;
-    check_input("fused::rope sin", sin, DType::F32)?;
-    let (b, h, t, d) = x
+    let (_, _, t, d) = x
         .dims4()
         .map_err(|_| shape_err(OP, "x of rank 4 (B, H, T, D)", x))?;
+    rope_checked(OP, x, cos, sin, t, d, false, x)
+}
+
+/// The checks and the op of [`rope`] and [`rope_bthd`]: `heads` is `x` seen as (B, H, T, D),
+/// `x` the tensor in its own layout (`packed`: (B, T, H, D)).
+#[allow(clippy::too_many_arguments)]
+fn rope_checked(
+    op_name: &'static str,
+    heads: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    t: usize,
+    d: usize,
+    packed: bool,
+    x: &Tensor,
+) -> Result<Tensor> {
+    check_input(op_name, x, DType::F32)?;
+    check_input("fused::rope cos", cos, DType::F32)?;
+    check_input("fused::rope sin", sin, DType::F32)?;
+    let (b, h, _, _) = heads.dims4().op(op_name)?;
     if d % 2 != 0 {
-        return Err(shape_err(OP, "x with an even head dim D", x));
+        return Err(shape_err(op_name, "x with an even head dim D", x));
     }
     let (rows, batched) = match *cos.dims() {
         [rows, half] if half == d / 2 && rows >= t => (rows, false),
@@ -159,7 +176,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         _ => {
             let want = format!("cos (T' >= {t}, {}) or ({b}, T' >= {t}, {})", d / 2, d / 2);
             return Err(NnError::Shape {
-                op: OP,
+                op: op_name,
                 expected: want,
                 got: format!("{:?}", cos.dims()),
             });
@@ -167,22 +184,36 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     };
     if sin.dims() != cos.dims() {
         return Err(NnError::Shape {
-            op: OP,
+            op: op_name,
             expected: format!("sin of the shape of cos {:?}", cos.dims()),
             got: format!("{:?}", sin.dims()),
         });
     }
-    let x = x.contiguous().op(OP)?;
-    let cos = cos.contiguous().op(OP)?;
-    let sin = sin.contiguous().op(OP)?;
+    let x = x.contiguous().op(op_name)?;
+    let cos = cos.contiguous().op(op_name)?;
+    let sin = sin.contiguous().op(op_name)?;
     let dims = rope::RopeDims {
         h,
         t,
         d,
         rows,
         batched,
+        packed,
     };
-    x.apply_op3(&cos, &sin, RopeOp { dims }).op(OP)
+    x.apply_op3(&cos, &sin, RopeOp { dims }).op(op_name)
+}
+
+/// [`rope`] for `x` in the (B, T, H, D) layout (a projection's output split into heads, before
+/// any transpose). Same tables and semantics.
+pub fn rope_bthd(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    const OP: &str = "fused::rope_bthd";
+    let (b, t, h, d) = x
+        .dims4()
+        .map_err(|_| shape_err(OP, "x of rank 4 (B, T, H, D)", x))?;
+    let _ = (b, h);
+    // The checks see the tensor as (B, H, T, D) through a transposed view (no copy).
+    let view = x.transpose(1, 2).op(OP)?;
+    rope_checked(OP, &view, cos, sin, t, d, true, x)
 }
 
 /// Causal attention computed blockwise like FlashAttention-2 (online softmax over key blocks; the
@@ -191,22 +222,43 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// `1 / sqrt(D)`. Query `i` sees keys `0..=i`. Returns (B, H_q, T, D). Grads to q, k and v.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
     const OP: &str = "fused::causal_attention";
+    let dims = attention_dims(OP, q, k, v, scale)?;
+    let q = q.contiguous().op(OP)?;
+    let k = k.contiguous().op(OP)?;
+    let v = v.contiguous().op(OP)?;
+    let op = AttentionOp {
+        dims,
+        scale,
+        lse: Mutex::new(Vec::new()),
+        packed: false,
+    };
+    q.apply_op3(&k, &v, op).op(OP)
+}
+
+/// Checks q (B, H_q, T, D), k and v (B, H_kv, T, D) and the scale.
+fn attention_dims(
+    op: &'static str,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+) -> Result<attention::AttnDims> {
     check_input("fused::causal_attention q", q, DType::F32)?;
     check_input("fused::causal_attention k", k, DType::F32)?;
     check_input("fused::causal_attention v", v, DType::F32)?;
     let (b, hq, t, d) = q
         .dims4()
-        .map_err(|_| shape_err(OP, "q of rank 4 (B, H_q, T, D)", q))?;
+        .map_err(|_| shape_err(op, "q of rank 4 (B, H_q, T, D)", q))?;
     let (kb, hkv, kt, kd) = k
         .dims4()
-        .map_err(|_| shape_err(OP, "k of rank 4 (B, H_kv, T, D)", k))?;
+        .map_err(|_| shape_err(op, "k of rank 4 (B, H_kv, T, D)", k))?;
     if kb != b || kt != t || kd != d || hkv == 0 || hq % hkv != 0 {
         let want = format!("k ({b}, H_kv, {t}, {d}) with H_q = {hq} a multiple of H_kv");
-        return Err(shape_err(OP, &want, k));
+        return Err(shape_err(op, &want, k));
     }
     if v.dims() != k.dims() {
         return Err(shape_err(
-            OP,
+            op,
             &format!("v of the shape of k {:?}", k.dims()),
             v,
         ));
@@ -217,13 +269,26 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Resul
             reason: format!("{scale} is not finite"),
         });
     }
+    Ok(attention::AttnDims { b, hq, hkv, t, d })
+}
+
+/// [`causal_attention`] with every tensor in the (B, T, H, D) layout, a projection's output
+/// split into heads: `q` (B, T, H_q, D), `k`, `v` (B, T, H_kv, D) -> (B, T, H_q, D). The op moves
+/// heads to the front and back inside its kernels, so the graph has no transposes or copies.
+pub fn causal_attention_bthd(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
+    const OP: &str = "fused::causal_attention_bthd";
+    let views = [q, k, v].map(|t| t.transpose(1, 2));
+    let [qv, kv, vv] = views;
+    let (qv, kv, vv) = (qv.op(OP)?, kv.op(OP)?, vv.op(OP)?);
+    let dims = attention_dims(OP, &qv, &kv, &vv, scale)?;
     let q = q.contiguous().op(OP)?;
     let k = k.contiguous().op(OP)?;
     let v = v.contiguous().op(OP)?;
     let op = AttentionOp {
-        dims: attention::AttnDims { b, hq, hkv, t, d },
+        dims,
         scale,
         lse: Mutex::new(Vec::new()),
+        packed: true,
     };
     q.apply_op3(&k, &v, op).op(OP)
 }
@@ -507,6 +572,30 @@ struct AttentionOp {
     scale: f32,
     /// The logsumexp of each query row (B, H_q, T), written by the forward pass.
     lse: Mutex<Vec<f32>>,
+    /// Inputs, output and gradients are (B, T, H, D) (see [`causal_attention_bthd`]).
+    packed: bool,
+}
+
+impl AttentionOp {
+    /// (B, T, H, D) -> (B, H, T, D) when packed; borrowed as is otherwise.
+    fn heads_first<'a>(&self, x: &'a [f32], h: usize) -> std::borrow::Cow<'a, [f32]> {
+        let attention::AttnDims { b, t, d, .. } = self.dims;
+        if self.packed {
+            std::borrow::Cow::Owned(attention::bthd_to_bhtd(x, b, t, h, d))
+        } else {
+            std::borrow::Cow::Borrowed(x)
+        }
+    }
+
+    /// (B, H, T, D) -> (B, T, H, D) when packed.
+    fn heads_back(&self, x: Vec<f32>, h: usize) -> Vec<f32> {
+        let attention::AttnDims { b, t, d, .. } = self.dims;
+        if self.packed {
+            attention::bhtd_to_bthd(&x, b, t, h, d)
+        } else {
+            x
+        }
+    }
 }
 
 impl CustomOp3 for AttentionOp {
@@ -524,9 +613,15 @@ impl CustomOp3 for AttentionOp {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (q, k, v) = (cpu_f32(s1, l1)?, cpu_f32(s2, l2)?, cpu_f32(s3, l3)?);
-        let (out, lse) = attention::forward(q, k, v, self.dims, self.scale);
+        let (hq, hkv) = (self.dims.hq, self.dims.hkv);
+        let (q, k, v) = (
+            self.heads_first(q, hq),
+            self.heads_first(k, hkv),
+            self.heads_first(v, hkv),
+        );
+        let (out, lse) = attention::forward(&q, &k, &v, self.dims, self.scale);
         *self.lse.lock().map_err(|_| poisoned(self.name()))? = lse;
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok((CpuStorage::F32(self.heads_back(out, hq)), l1.shape().clone()))
     }
 
     fn bwd(
@@ -539,18 +634,24 @@ impl CustomOp3 for AttentionOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let lse = self.lse.lock().map_err(|_| poisoned(self.name()))?;
+        let (hq, hkv) = (self.dims.hq, self.dims.hkv);
         let (dq, dk, dv) = {
             let (qd, kd, vd) = (F32Data::new(q)?, F32Data::new(k)?, F32Data::new(v)?);
             let (od, gd) = (F32Data::new(res)?, F32Data::new(&grad)?);
-            attention::backward(
-                qd.get(),
-                kd.get(),
-                vd.get(),
-                od.get(),
-                gd.get(),
+            let (dq, dk, dv) = attention::backward(
+                &self.heads_first(qd.get(), hq),
+                &self.heads_first(kd.get(), hkv),
+                &self.heads_first(vd.get(), hkv),
+                &self.heads_first(od.get(), hq),
+                &self.heads_first(gd.get(), hq),
                 &lse,
                 self.dims,
                 self.scale,
+            );
+            (
+                self.heads_back(dq, hq),
+                self.heads_back(dk, hkv),
+                self.heads_back(dv, hkv),
             )
         };
         Ok((

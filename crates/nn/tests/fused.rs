@@ -573,6 +573,40 @@ fn linear_matches_naive() {
     assert_close("linear transposed x", &y, &want);
 }
 
+/// The (B, T, H, D) entry points equal the (B, H, T, D) ones on transposed inputs, gradients
+/// included.
+#[test]
+fn bthd_layouts_match_bhtd() {
+    let mut rng = Rng(23);
+    for (b, hq, hkv, t, d) in [(2usize, 4usize, 2usize, 67usize, 24usize), (1, 3, 3, 130, 16), (3, 2, 1, 5, 64)] {
+        let q = rng.tensor(&[b, t, hq, d], 2.0);
+        let k = rng.tensor(&[b, t, hkv, d], 2.0);
+        let v = rng.tensor(&[b, t, hkv, d], 1.0);
+        let r = rng.tensor(&[b, t, hq, d], 1.0);
+        let (cos, sin) = tables(&mut rng, &[], t + 3, d);
+        let front = |x: &Tensor| x.transpose(1, 2).unwrap().contiguous().unwrap();
+        check(
+            &format!("attention_bthd b{b} hq{hq} hkv{hkv} t{t} d{d}"),
+            &["q", "k", "v"],
+            &[q, k, v],
+            &r,
+            |x| {
+                let q = fused::rope_bthd(&x[0], &cos, &sin).unwrap();
+                let k = fused::rope_bthd(&x[1], &cos, &sin).unwrap();
+                fused::causal_attention_bthd(&q, &k, &x[2], 0.3).unwrap()
+            },
+            |x| {
+                let q = fused::rope(&front(&x[0]), &cos, &sin).unwrap();
+                let k = fused::rope(&front(&x[1]), &cos, &sin).unwrap();
+                fused::causal_attention(&q, &k, &front(&x[2]), 0.3)
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+            },
+        );
+    }
+}
+
 #[test]
 fn gelu_and_swiglu_match_candle() {
     let mut rng = Rng(22);

@@ -106,6 +106,32 @@ multiversion!(fn fwd_task = fwd_block(
     o: &mut [f32], lse: &mut [f32],
 ););
 
+/// (B, T, H, D) -> (B, H, T, D): one task per (batch, head) gathers its T rows of D.
+pub(super) fn bthd_to_bhtd(x: &[f32], b: usize, t: usize, h: usize, d: usize) -> Vec<f32> {
+    let mut y = vec![0f32; b * t * h * d];
+    y.par_chunks_mut(t * d).enumerate().for_each(|(bh, dst)| {
+        let (bi, hi) = (bh / h, bh % h);
+        for (ti, row) in dst.chunks_exact_mut(d).enumerate() {
+            let src = ((bi * t + ti) * h + hi) * d;
+            row.copy_from_slice(&x[src..src + d]);
+        }
+    });
+    y
+}
+
+/// (B, H, T, D) -> (B, T, H, D): one task per (batch, position) gathers its H rows of D.
+pub(super) fn bhtd_to_bthd(x: &[f32], b: usize, t: usize, h: usize, d: usize) -> Vec<f32> {
+    let mut y = vec![0f32; b * t * h * d];
+    y.par_chunks_mut(h * d).enumerate().for_each(|(bt, dst)| {
+        let (bi, ti) = (bt / t, bt % t);
+        for (hi, row) in dst.chunks_exact_mut(d).enumerate() {
+            let src = ((bi * h + hi) * t + ti) * d;
+            row.copy_from_slice(&x[src..src + d]);
+        }
+    });
+    y
+}
+
 /// Forward: `(out, lse)`, out (B, H_q, T, D) and the logsumexp of each query row (B, H_q, T).
 pub(super) fn forward(
     q: &[f32],

@@ -16,6 +16,9 @@ pub(super) struct RopeDims {
     pub d: usize,
     pub rows: usize,
     pub batched: bool,
+    /// `x` is (B, T, H, D) instead of (B, H, T, D): the layout a projection's output has
+    /// before its heads are moved to the front, so training skips that transpose and its copy.
+    pub packed: bool,
 }
 
 /// One (batch, head): `x`, `y` are (T, D), `cos`, `sin` (T, D/2). `sign` is 1 forward, -1 backward.
@@ -48,10 +51,26 @@ pub(super) fn rope(x: &[f32], cos: &[f32], sin: &[f32], dims: RopeDims, inverse:
         d,
         rows,
         batched,
+        packed,
     } = dims;
     let half = d / 2;
     let sign = if inverse { -1.0 } else { 1.0 };
     let mut y = vec![0f32; x.len()];
+    if packed {
+        // One task per (batch, position): its H heads share one row of the tables.
+        y.par_chunks_mut(h * d)
+            .zip(x.par_chunks(h * d))
+            .enumerate()
+            .for_each(|(bt, (y, x))| {
+                let (bi, ti) = (bt / t, bt % t);
+                let row = if batched { bi * rows + ti } else { ti } * half;
+                let (cos, sin) = (&cos[row..row + half], &sin[row..row + half]);
+                for (y, x) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+                    rope_task(x, cos, sin, sign, d, y);
+                }
+            });
+        return y;
+    }
     y.par_chunks_mut(t * d)
         .zip(x.par_chunks(t * d))
         .enumerate()
