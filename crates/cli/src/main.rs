@@ -3,17 +3,17 @@
 
 mod assets_cmd;
 mod bench_generate;
+mod bench_train;
 mod chat_cmd;
 mod data_cmd;
 mod generate_cmd;
 mod logits_cmd;
 mod plot;
 mod resolve;
+mod speedrun_cmd;
 mod tokenizer_bench;
 mod tokenizer_cmd;
 mod train_cmd;
-mod speedrun_cmd;
-mod bench_train;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

@@ -30,18 +30,43 @@ fn register_font() -> bool {
 }
 
 /// Train loss per step and validation loss at eval steps, in nats per token.
-pub fn loss_curve(path: &Path, train: &[(u64, f64)], val: &[(u64, f64)], title: &str) -> Result<()> {
+pub fn loss_curve(
+    path: &Path,
+    train: &[(u64, f64)],
+    val: &[(u64, f64)],
+    title: &str,
+) -> Result<()> {
     let labels = register_font();
     let root = BitMapBackend::new(path, (900, 540)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
-    let max_step = train.iter().chain(val).map(|p| p.0).max().unwrap_or(1).max(1);
-    let ys = train.iter().chain(val).map(|p| p.1).filter(|v| v.is_finite());
-    let (lo, hi) = ys.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
-    let (lo, hi) = if lo.is_finite() { (lo * 0.95, hi * 1.02) } else { (0.0, 1.0) };
+    root.fill(&WHITE)
+        .map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
+    let max_step = train
+        .iter()
+        .chain(val)
+        .map(|p| p.0)
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let ys = train
+        .iter()
+        .chain(val)
+        .map(|p| p.1)
+        .filter(|v| v.is_finite());
+    let (lo, hi) = ys.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+        (a.min(v), b.max(v))
+    });
+    let (lo, hi) = if lo.is_finite() {
+        (lo * 0.95, hi * 1.02)
+    } else {
+        (0.0, 1.0)
+    };
     let mut builder = ChartBuilder::on(&root);
     builder.margin(20);
     if labels {
-        builder.caption(title, ("sans-serif", 22)).x_label_area_size(40).y_label_area_size(60);
+        builder
+            .caption(title, ("sans-serif", 22))
+            .x_label_area_size(40)
+            .y_label_area_size(60);
     }
     let mut chart = builder
         .build_cartesian_2d(0u64..max_step, lo..hi)
@@ -76,6 +101,7 @@ pub fn loss_curve(path: &Path, train: &[(u64, f64)], val: &[(u64, f64)], title: 
             .draw()
             .map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
     }
-    root.present().map_err(|e| anyhow!("writing {}: {e}", path.display()))?;
+    root.present()
+        .map_err(|e| anyhow!("writing {}: {e}", path.display()))?;
     Ok(())
 }

@@ -11,7 +11,9 @@ use clap::Args;
 use kiln_tokenizer::train::TrainerConfig;
 use kiln_tokenizer::Tokenizer;
 use kiln_train::data::{prepare, PrepareConfig};
-use kiln_train::{init_model, model_config, train_step, Dataset, Loader, Optimizers, Split, StepMetrics};
+use kiln_train::{
+    init_model, model_config, train_step, Dataset, Loader, Optimizers, Split, StepMetrics,
+};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -56,7 +58,11 @@ pub fn run(a: SpeedrunArgs) -> Result<()> {
     // Hidden files (an asset's manifest) are never text of the corpus.
     let files: Vec<PathBuf> = files
         .into_iter()
-        .filter(|f| !f.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.')))
+        .filter(|f| {
+            !f.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with('.'))
+        })
         .collect();
 
     // 1. Tokenizer.
@@ -106,7 +112,11 @@ pub fn run(a: SpeedrunArgs) -> Result<()> {
             let step_s = measure_step(&ds, &settings)?;
             // Evaluations and checkpoints take about a tenth of the budget.
             let s = ((a.minutes * 60.0 * 0.9) / step_s).floor() as u64;
-            eprintln!("[3/4] one step of {} tokens takes {step_s:.3}s: {s} steps fit {:.1} minutes", settings.tokens_per_step(), a.minutes);
+            eprintln!(
+                "[3/4] one step of {} tokens takes {step_s:.3}s: {s} steps fit {:.1} minutes",
+                settings.tokens_per_step(),
+                a.minutes
+            );
             s.max(1)
         }
     };
@@ -118,12 +128,19 @@ pub fn run(a: SpeedrunArgs) -> Result<()> {
     }
     let run_dir = a.out.join("run");
     if run_dir.exists() {
-        std::fs::remove_dir_all(&run_dir).with_context(|| format!("removing the old {}", run_dir.display()))?;
+        std::fs::remove_dir_all(&run_dir)
+            .with_context(|| format!("removing the old {}", run_dir.display()))?;
     }
     let t0 = Instant::now();
     let mut progress = Progress::new(true);
-    let (_, val_loss, val_bpb) =
-        train_cmd::train(&data_dir, &run_dir, settings.clone(), false, None, &mut progress)?;
+    let (_, val_loss, val_bpb) = train_cmd::train(
+        &data_dir,
+        &run_dir,
+        settings.clone(),
+        false,
+        None,
+        &mut progress,
+    )?;
     let train_secs = t0.elapsed().as_secs_f64();
     let evals = std::mem::take(&mut progress.evals);
     drop(progress);
@@ -131,12 +148,19 @@ pub fn run(a: SpeedrunArgs) -> Result<()> {
     // 4. Report.
     let metrics = read_metrics(&run_dir.join("metrics.jsonl"))?;
     let train_pts: Vec<(u64, f64)> = metrics.iter().map(|m| (m.step, m.loss as f64)).collect();
-    let val_pts: Vec<(u64, f64)> =
-        metrics.iter().filter_map(|m| m.val_loss.map(|v| (m.step, v))).collect();
+    let val_pts: Vec<(u64, f64)> = metrics
+        .iter()
+        .filter_map(|m| m.val_loss.map(|v| (m.step, v)))
+        .collect();
     let png = a.out.join("loss.png");
     plot::loss_curve(&png, &train_pts, &val_pts, "kiln speedrun: loss")?;
     let tokens = settings.tokens_per_step() as f64 * steps as f64;
-    let cfg = model_config(settings.depth, settings.style()?, ds.meta().vocab_size, settings.seq_len);
+    let cfg = model_config(
+        settings.depth,
+        settings.style()?,
+        ds.meta().vocab_size,
+        settings.seq_len,
+    );
     let params = init_model(&cfg, 0)?.1.count();
     let mut r = String::new();
     writeln!(r, "# kiln speedrun report\n")?;
@@ -144,24 +168,77 @@ pub fn run(a: SpeedrunArgs) -> Result<()> {
     writeln!(r, "![loss curve](loss.png)\n")?;
     writeln!(r, "## Settings\n")?;
     writeln!(r, "| setting | value |\n|---|---|")?;
-    writeln!(r, "| corpus | {} ({} files) |", inputs.join(", "), files.len())?;
-    writeln!(r, "| tokenizer | byte-level BPE, {} tokens, trained in {tok_secs:.1}s |", tok.vocab_size())?;
-    writeln!(r, "| data | {} train tokens, {} val tokens, prepared in {data_secs:.1}s |", ds.meta().train.n_tokens, ds.meta().val.n_tokens)?;
-    writeln!(r, "| model | {} style, depth {} (width {}, {} heads, {} layers), {:.2}M parameters |", settings.style, settings.depth, cfg.hidden_size, cfg.num_heads, cfg.num_layers, params as f64 / 1e6)?;
-    writeln!(r, "| optimization | {:?} (matrix lr {}), AdamW lr {:.2e}, {:?}, grad clip {} |", settings.optimizer, settings.matrix_lr, settings.lr, settings.schedule, settings.grad_clip)?;
-    writeln!(r, "| batch | {} x {} tokens x {} accumulation = {} tokens per step |", settings.batch, settings.seq_len, settings.grad_accum, settings.tokens_per_step())?;
-    writeln!(r, "| steps | {steps} ({:.2}M tokens, {:.2} epochs) |", tokens / 1e6, tokens / ds.meta().train.n_tokens as f64)?;
+    writeln!(
+        r,
+        "| corpus | {} ({} files) |",
+        inputs.join(", "),
+        files.len()
+    )?;
+    writeln!(
+        r,
+        "| tokenizer | byte-level BPE, {} tokens, trained in {tok_secs:.1}s |",
+        tok.vocab_size()
+    )?;
+    writeln!(
+        r,
+        "| data | {} train tokens, {} val tokens, prepared in {data_secs:.1}s |",
+        ds.meta().train.n_tokens,
+        ds.meta().val.n_tokens
+    )?;
+    writeln!(
+        r,
+        "| model | {} style, depth {} (width {}, {} heads, {} layers), {:.2}M parameters |",
+        settings.style,
+        settings.depth,
+        cfg.hidden_size,
+        cfg.num_heads,
+        cfg.num_layers,
+        params as f64 / 1e6
+    )?;
+    writeln!(
+        r,
+        "| optimization | {:?} (matrix lr {}), AdamW lr {:.2e}, {:?}, grad clip {} |",
+        settings.optimizer, settings.matrix_lr, settings.lr, settings.schedule, settings.grad_clip
+    )?;
+    writeln!(
+        r,
+        "| batch | {} x {} tokens x {} accumulation = {} tokens per step |",
+        settings.batch,
+        settings.seq_len,
+        settings.grad_accum,
+        settings.tokens_per_step()
+    )?;
+    writeln!(
+        r,
+        "| steps | {steps} ({:.2}M tokens, {:.2} epochs) |",
+        tokens / 1e6,
+        tokens / ds.meta().train.n_tokens as f64
+    )?;
     writeln!(r, "| threads | {} |", rayon::current_num_threads())?;
     writeln!(r, "| seed | {} |", a.seed)?;
     writeln!(r, "\n## Throughput\n")?;
-    let mean_tps = metrics.iter().map(|m| m.tokens_per_s).sum::<f64>() / metrics.len().max(1) as f64;
+    let mean_tps =
+        metrics.iter().map(|m| m.tokens_per_s).sum::<f64>() / metrics.len().max(1) as f64;
     writeln!(r, "Training took {train_secs:.0}s for {steps} steps: {:.0} tokens/s on average (mean of per-step rates {mean_tps:.0}); the whole speedrun took {:.0}s.\n", tokens / train_secs, started.elapsed().as_secs_f64())?;
     writeln!(r, "## Validation during training\n")?;
-    writeln!(r, "| step | train loss | val loss | val bpb |\n|---|---|---|---|")?;
+    writeln!(
+        r,
+        "| step | train loss | val loss | val bpb |\n|---|---|---|---|"
+    )?;
     for m in &evals {
-        writeln!(r, "| {} | {:.4} | {:.4} | {:.4} |", m.step, m.loss, m.val_loss.unwrap_or(f64::NAN), m.val_bpb.unwrap_or(f64::NAN))?;
+        writeln!(
+            r,
+            "| {} | {:.4} | {:.4} | {:.4} |",
+            m.step,
+            m.loss,
+            m.val_loss.unwrap_or(f64::NAN),
+            m.val_bpb.unwrap_or(f64::NAN)
+        )?;
     }
-    writeln!(r, "\n## Samples (temperature 0.8, top-k 50, from the start of a document)\n")?;
+    writeln!(
+        r,
+        "\n## Samples (temperature 0.8, top-k 50, from the start of a document)\n"
+    )?;
     if let Some(last) = evals.last() {
         for s in &last.samples {
             writeln!(r, "```text\n{}\n```\n", s.trim_end())?;
@@ -198,7 +275,8 @@ fn measure_step(ds: &Dataset, s: &kiln_train::TrainSettings) -> Result<f64> {
 }
 
 fn read_metrics(path: &Path) -> Result<Vec<StepMetrics>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).with_context(|| format!("parsing {}", path.display())))

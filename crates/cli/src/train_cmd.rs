@@ -7,7 +7,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kiln_engine::{GenerateOptions, SamplingParams, Session};
 use kiln_models::Llama;
 use kiln_tokenizer::Tokenizer;
-use kiln_train::{Dataset, MatrixOptimizer, Observer, Outcome, Schedule, StepMetrics, TrainSettings, Trainer};
+use kiln_train::{
+    Dataset, MatrixOptimizer, Observer, Outcome, Schedule, StepMetrics, TrainSettings, Trainer,
+};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -320,7 +322,11 @@ pub fn train(
     let outcome = trainer
         .run(until, &stop, progress, &mut sample)
         .context("training")?;
-    let (vl, bpb) = match progress.last.as_ref().and_then(|m| m.val_loss.zip(m.val_bpb)) {
+    let (vl, bpb) = match progress
+        .last
+        .as_ref()
+        .and_then(|m| m.val_loss.zip(m.val_bpb))
+    {
         Some(v) => v,
         None => trainer.evaluate()?,
     };
@@ -330,7 +336,14 @@ pub fn train(
 pub fn run(a: TrainArgs) -> Result<()> {
     let settings = a.model.settings(a.steps, a.seed);
     let mut progress = Progress::new(!a.quiet);
-    let (outcome, vl, bpb) = train(&a.data, &a.out, settings, a.resume, a.until_step, &mut progress)?;
+    let (outcome, vl, bpb) = train(
+        &a.data,
+        &a.out,
+        settings,
+        a.resume,
+        a.until_step,
+        &mut progress,
+    )?;
     drop(progress);
     match outcome {
         Outcome::Finished => eprintln!(

@@ -45,16 +45,31 @@ fn corpus(root: &Path) -> PathBuf {
     for d in 0..30 {
         let mut s = format!("ACT {d}.\n");
         for _ in 0..80 {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             s.push_str(WORDS[(state >> 33) as usize % WORDS.len()]);
-            s.push(if (state >> 20) % 8 == 0 { '\n' } else { ' ' });
+            s.push(if (state >> 20).is_multiple_of(8) {
+                '\n'
+            } else {
+                ' '
+            });
         }
         std::fs::write(dir.join(format!("{d:02}.txt")), s).unwrap();
     }
     dir
 }
 
-const TINY: &[&str] = &["--depth", "1", "--seq-len", "16", "--batch", "2", "--eval-windows", "4"];
+const TINY: &[&str] = &[
+    "--depth",
+    "1",
+    "--seq-len",
+    "16",
+    "--batch",
+    "2",
+    "--eval-windows",
+    "4",
+];
 
 #[test]
 fn speedrun_writes_report_curve_and_a_usable_model() {
@@ -62,14 +77,26 @@ fn speedrun_writes_report_curve_and_a_usable_model() {
     let data = corpus(tmp.path());
     let out = tmp.path().join("sr");
     let mut args = vec![
-        "speedrun", "--out", out.to_str().unwrap(), "--data", data.to_str().unwrap(),
-        "--vocab-size", "300", "--steps", "6", "--eval-every", "3",
+        "speedrun",
+        "--out",
+        out.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--vocab-size",
+        "300",
+        "--steps",
+        "6",
+        "--eval-every",
+        "3",
     ];
     args.extend_from_slice(TINY);
     ok(&args);
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(report.contains("bits per byte"), "{report}");
-    assert!(report.contains("| 6 |"), "the final eval row is missing: {report}");
+    assert!(
+        report.contains("| 6 |"),
+        "the final eval row is missing: {report}"
+    );
     let png = std::fs::read(out.join("loss.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     let metrics = std::fs::read_to_string(out.join("run/metrics.jsonl")).unwrap();
@@ -84,7 +111,15 @@ fn speedrun_writes_report_curve_and_a_usable_model() {
     assert!(last["val_bpb"].as_f64().unwrap() > 0.0);
     // The trained model generates through the inference path.
     let model = out.join("run/model");
-    let g = ok(&["generate", "-m", model.to_str().unwrap(), "-p", "the king", "--max-tokens", "5"]);
+    let g = ok(&[
+        "generate",
+        "-m",
+        model.to_str().unwrap(),
+        "-p",
+        "the king",
+        "--max-tokens",
+        "5",
+    ]);
     assert!(!g.stdout.is_empty());
 }
 
@@ -92,21 +127,47 @@ fn prepare(tmp: &Path) -> PathBuf {
     let data = corpus(tmp);
     let tok = tmp.join("tok.json");
     ok(&[
-        "tokenizer", "train", "--input", data.to_str().unwrap(), "--vocab-size", "300",
-        "--special", "<|endoftext|>", "--output", tok.to_str().unwrap(),
+        "tokenizer",
+        "train",
+        "--input",
+        data.to_str().unwrap(),
+        "--vocab-size",
+        "300",
+        "--special",
+        "<|endoftext|>",
+        "--output",
+        tok.to_str().unwrap(),
     ]);
     let ds = tmp.join("ds");
     ok(&[
-        "data", "prepare", "--tokenizer", tok.to_str().unwrap(), "--input",
-        data.to_str().unwrap(), "--out", ds.to_str().unwrap(), "--val-fraction", "0.2",
+        "data",
+        "prepare",
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--input",
+        data.to_str().unwrap(),
+        "--out",
+        ds.to_str().unwrap(),
+        "--val-fraction",
+        "0.2",
     ]);
     ds
 }
 
 fn train_args<'a>(ds: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
     let mut a = vec![
-        "train", "--data", ds, "--out", out, "--steps", steps, "--eval-every", "5",
-        "--checkpoint-every", "2", "--quiet",
+        "train",
+        "--data",
+        ds,
+        "--out",
+        out,
+        "--steps",
+        steps,
+        "--eval-every",
+        "5",
+        "--checkpoint-every",
+        "2",
+        "--quiet",
     ];
     a.extend_from_slice(TINY);
     a
@@ -119,7 +180,10 @@ fn losses(run: &Path) -> Vec<(u64, String)> {
         .map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
             // The loss as printed (shortest round-trip form) identifies its bits.
-            (v["step"].as_u64().unwrap(), format!("{}|{}", v["loss"], v["val_loss"]))
+            (
+                v["step"].as_u64().unwrap(),
+                format!("{}|{}", v["loss"], v["val_loss"]),
+            )
         })
         .collect()
 }
@@ -153,7 +217,10 @@ fn run_and_kill(args: &[&str], run: &Path, wait_for_ckpts: usize, extra: Duratio
             child.wait().unwrap();
             return true;
         }
-        assert!(t0.elapsed() < Duration::from_secs(120), "training made no progress");
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "training made no progress"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -186,13 +253,20 @@ fn sigkill_at_any_moment_then_resume_equals_one_run() {
         }
         kills += 1;
     }
-    assert!(kills >= 1, "the run finished before it could be killed once");
+    assert!(
+        kills >= 1,
+        "the run finished before it could be killed once"
+    );
     args.push("--resume");
     let o = kiln(&args);
     let e = String::from_utf8_lossy(&o.stderr);
     // The run may already have finished during the kills; resuming a finished run is then a no-op.
     assert!(o.status.success(), "final resume failed: {e}");
-    assert_eq!(losses(&pieces), reference, "resumed losses differ from the uninterrupted run");
+    assert_eq!(
+        losses(&pieces),
+        reference,
+        "resumed losses differ from the uninterrupted run"
+    );
 }
 
 #[test]
@@ -213,7 +287,11 @@ fn ctrl_c_checkpoints_and_resume_continues() {
         .unwrap();
     let t0 = Instant::now();
     while !run.join("metrics.jsonl").exists()
-        || std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().count() < 3
+        || std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count()
+            < 3
     {
         assert!(t0.elapsed() < Duration::from_secs(120));
         if child.try_wait().unwrap().is_some() {
@@ -224,7 +302,11 @@ fn ctrl_c_checkpoints_and_resume_continues() {
     let pid = child.id().to_string();
     let _ = Command::new("kill").args(["-INT", &pid]).status();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let e = String::from_utf8_lossy(&out.stderr);
     if e.contains("stopped after step") {
         args.push("--resume");
@@ -247,7 +329,17 @@ fn bad_training_input_gets_clear_errors() {
     let e = err(&["train", "--data", ds_s, "--out", o, "--resume"]);
     assert!(e.contains("no checkpoint"), "{e}");
     // Windows longer than the validation split.
-    let e = err(&["train", "--data", ds_s, "--out", o, "--seq-len", "100000", "--depth", "1"]);
+    let e = err(&[
+        "train",
+        "--data",
+        ds_s,
+        "--out",
+        o,
+        "--seq-len",
+        "100000",
+        "--depth",
+        "1",
+    ]);
     assert!(e.contains("seq_len"), "{e}");
     let e = err(&["train", "--data", ds_s, "--out", o, "--depth", "0"]);
     assert!(e.contains("depth"), "{e}");

@@ -843,11 +843,7 @@ impl Llama {
             .to_dtype(DType::U32)
             .and_then(|t| t.flatten_all())
             .map_err(nn("flatten targets"))?;
-        Ok(kiln_nn::fused::cross_entropy(
-            &logits,
-            &targets,
-            u32::MAX,
-        )?)
+        Ok(kiln_nn::fused::cross_entropy(&logits, &targets, u32::MAX)?)
     }
 
     fn uses_rope(&self) -> bool {

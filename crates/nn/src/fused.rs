@@ -167,7 +167,7 @@ fn rope_checked(
     check_input("fused::rope cos", cos, DType::F32)?;
     check_input("fused::rope sin", sin, DType::F32)?;
     let (b, h, _, _) = heads.dims4().op(op_name)?;
-    if d % 2 != 0 {
+    if !d.is_multiple_of(2) {
         return Err(shape_err(op_name, "x with an even head dim D", x));
     }
     let (rows, batched) = match *cos.dims() {
@@ -621,7 +621,10 @@ impl CustomOp3 for AttentionOp {
         );
         let (out, lse) = attention::forward(&q, &k, &v, self.dims, self.scale);
         *self.lse.lock().map_err(|_| poisoned(self.name()))? = lse;
-        Ok((CpuStorage::F32(self.heads_back(out, hq)), l1.shape().clone()))
+        Ok((
+            CpuStorage::F32(self.heads_back(out, hq)),
+            l1.shape().clone(),
+        ))
     }
 
     fn bwd(
@@ -842,7 +845,14 @@ impl CustomOp3 for LinearOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = cpu_f32(s1, l1)?;
         let b = cpu_f32(s3, l3)?;
-        let y = linear::forward(x, cpu_f32(s2, l2)?, Some(b), x.len() / self.k, self.n, self.k);
+        let y = linear::forward(
+            x,
+            cpu_f32(s2, l2)?,
+            Some(b),
+            x.len() / self.k,
+            self.n,
+            self.k,
+        );
         Ok((CpuStorage::F32(y), self.out_shape(l1)))
     }
 

@@ -530,7 +530,9 @@ fn all_ops_bits() -> Vec<Vec<u32>> {
     let g = rng.tensor(&[5, 7000], 3.0);
     let u = rng.tensor(&[5, 7000], 1.0);
     let r = rng.tensor(&[5, 7000], 1.0);
-    record(&[g.clone(), u], &r, &|t| fused::swiglu(&t[0], &t[1]).unwrap());
+    record(&[g.clone(), u], &r, &|t| {
+        fused::swiglu(&t[0], &t[1]).unwrap()
+    });
     record(&[g], &r, &|t| fused::gelu_tanh(&t[0]).unwrap());
     out
 }
@@ -561,9 +563,14 @@ fn linear_matches_naive() {
                 y
             }
         };
-        check(&case, &["x", "w", "b"], &[x, w, b], &r, |t| {
-            fused::linear(&t[0], &t[1], bias.then_some(&t[2])).unwrap()
-        }, naive);
+        check(
+            &case,
+            &["x", "w", "b"],
+            &[x, w, b],
+            &r,
+            |t| fused::linear(&t[0], &t[1], bias.then_some(&t[2])).unwrap(),
+            naive,
+        );
     }
     // A transposed (non-contiguous) input.
     let x = rng.tensor(&[24, 9], 1.0).t().unwrap();
@@ -578,7 +585,11 @@ fn linear_matches_naive() {
 #[test]
 fn bthd_layouts_match_bhtd() {
     let mut rng = Rng(23);
-    for (b, hq, hkv, t, d) in [(2usize, 4usize, 2usize, 67usize, 24usize), (1, 3, 3, 130, 16), (3, 2, 1, 5, 64)] {
+    for (b, hq, hkv, t, d) in [
+        (2usize, 4usize, 2usize, 67usize, 24usize),
+        (1, 3, 3, 130, 16),
+        (3, 2, 1, 5, 64),
+    ] {
         let q = rng.tensor(&[b, t, hq, d], 2.0);
         let k = rng.tensor(&[b, t, hkv, d], 2.0);
         let v = rng.tensor(&[b, t, hkv, d], 1.0);
@@ -617,7 +628,7 @@ fn gelu_and_swiglu_match_candle() {
         check(
             &format!("gelu_tanh {shape:?}"),
             &["x"],
-            &[x.clone()],
+            std::slice::from_ref(&x),
             &r,
             |t| fused::gelu_tanh(&t[0]).unwrap(),
             |t| t[0].gelu().unwrap(),
@@ -636,7 +647,10 @@ fn gelu_and_swiglu_match_candle() {
     let b = rng.tensor(&[5, 4], 1.0);
     assert!(matches!(fused::swiglu(&a, &b), Err(NnError::Shape { .. })));
     let w = rng.tensor(&[3, 6], 1.0);
-    assert!(matches!(fused::linear(&a, &w, None), Err(NnError::Shape { .. })));
+    assert!(matches!(
+        fused::linear(&a, &w, None),
+        Err(NnError::Shape { .. })
+    ));
     let bias = rng.tensor(&[4], 1.0);
     let w = rng.tensor(&[3, 5], 1.0);
     assert!(fused::linear(&a, &w, Some(&bias)).is_err());

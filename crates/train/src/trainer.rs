@@ -763,7 +763,7 @@ impl<'a> Trainer<'a> {
                 samples: Vec::new(),
             };
             let last = self.step == s.steps;
-            if last || (s.eval_every > 0 && self.step % s.eval_every == 0) {
+            if last || (s.eval_every > 0 && self.step.is_multiple_of(s.eval_every)) {
                 let (vl, bpb) = self.evaluate()?;
                 m.val_loss = Some(vl);
                 m.val_bpb = Some(bpb);
@@ -777,7 +777,7 @@ impl<'a> Trainer<'a> {
                 .map_err(|e| TrainError::io(&metrics_path, e))?;
             obs.on_step(&m);
             let stopping = until.is_some_and(|u| self.step >= u) || stop.load(Ordering::SeqCst);
-            let periodic = s.checkpoint_every > 0 && self.step % s.checkpoint_every == 0;
+            let periodic = s.checkpoint_every > 0 && self.step.is_multiple_of(s.checkpoint_every);
             if last || stopping || periodic {
                 metrics
                     .sync_data()

@@ -10,8 +10,8 @@ use kiln_tokenizer::train::{train_from_texts, TrainerConfig};
 use kiln_tokenizer::Tokenizer;
 use kiln_train::data::END_OF_TEXT;
 use kiln_train::{
-    prepare, Dataset, MatrixOptimizer, Observer, Outcome, PrepareConfig, StepMetrics,
-    TrainError, TrainSettings, Trainer,
+    prepare, Dataset, MatrixOptimizer, Observer, Outcome, PrepareConfig, StepMetrics, TrainError,
+    TrainSettings, Trainer,
 };
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -25,7 +25,9 @@ const WORDS: &[&str] = &[
 fn corpus() -> Vec<String> {
     let mut state = 7u64;
     let mut next = || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (state >> 33) as usize
     };
     (0..40)
@@ -67,7 +69,10 @@ fn fixture() -> Fixture {
         ..TrainerConfig::default()
     };
     let tok_path = root.join("tokenizer.json");
-    train_from_texts(&texts, &cfg).unwrap().save(&tok_path).unwrap();
+    train_from_texts(&texts, &cfg)
+        .unwrap()
+        .save(&tok_path)
+        .unwrap();
     let tok = Tokenizer::load(&tok_path).unwrap();
     let pcfg = PrepareConfig {
         val_fraction: 0.2,
@@ -174,7 +179,11 @@ fn stopped_and_resumed_equals_one_go(style: &str, optimizer: MatrixOptimizer) {
     assert_eq!(a, b, "a resumed run must reproduce every loss bit for bit");
     // Evaluations happened at steps 4, 8 and 12 and the loss went down.
     let m = metrics(&whole);
-    let evals: Vec<u64> = m.iter().filter(|m| m.val_loss.is_some()).map(|m| m.step).collect();
+    let evals: Vec<u64> = m
+        .iter()
+        .filter(|m| m.val_loss.is_some())
+        .map(|m| m.step)
+        .collect();
     assert_eq!(evals, vec![4, 8, 12]);
     assert!(m[11].loss < m[0].loss, "{} !< {}", m[11].loss, m[0].loss);
     let w1 = std::fs::read(whole.join("model/model.safetensors")).unwrap();
@@ -201,7 +210,11 @@ fn runs_are_deterministic_and_the_seed_matters() {
     run(&f, &s, &f.root.join("b"), false, None).unwrap();
     s.seed = 1;
     run(&f, &s, &f.root.join("c"), false, None).unwrap();
-    let (a, b, c) = (trace(&f.root.join("a")), trace(&f.root.join("b")), trace(&f.root.join("c")));
+    let (a, b, c) = (
+        trace(&f.root.join("a")),
+        trace(&f.root.join("b")),
+        trace(&f.root.join("c")),
+    );
     assert_eq!(a, b);
     assert_ne!(a, c);
 }
@@ -214,18 +227,36 @@ fn saved_model_matches_training_forward(style: &str) {
     s.steps = 3;
     let dir = f.root.join("run");
     let mut t = Trainer::open(&f.ds, s.clone(), &dir, false, token_bytes(&f.tok)).unwrap();
-    t.run(None, &AtomicBool::new(false), &mut Quiet, &mut |_: &Llama| vec![])
-        .unwrap();
+    t.run(
+        None,
+        &AtomicBool::new(false),
+        &mut Quiet,
+        &mut |_: &Llama| vec![],
+    )
+    .unwrap();
     let loaded = Llama::load(&dir.join("model")).unwrap();
     assert_eq!(loaded.config(), t.config());
     assert_eq!(
         loaded.config().style,
-        if style == "gpt2" { Style::Gpt2 } else { Style::Llama }
+        if style == "gpt2" {
+            Style::Gpt2
+        } else {
+            Style::Llama
+        }
     );
-    let ids: Vec<u32> = f.tok.encode_ordinary("the king speaks to his lady and the queen");
+    let ids: Vec<u32> = f
+        .tok
+        .encode_ordinary("the king speaks to his lady and the queen");
     let ids = &ids[..ids.len().min(s.seq_len)];
     let x = Tensor::from_slice(ids, (1, ids.len()), &Device::Cpu).unwrap();
-    let train_logits: Vec<Vec<f32>> = t.model().forward_train(&x).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+    let train_logits: Vec<Vec<f32>> = t
+        .model()
+        .forward_train(&x)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
     let mut cache = KvCache::new(loaded.config().num_layers);
     for (i, &id) in ids.iter().enumerate() {
         let step = loaded.logits_last(&[id], i, &mut cache).unwrap();
@@ -264,7 +295,10 @@ fn bad_resumes_are_refused() {
     let mut other = s.clone();
     other.depth = 2;
     let e = run(&f, &other, &dir, true, None).unwrap_err().to_string();
-    assert!(e.contains("different settings") && e.contains("depth"), "{e}");
+    assert!(
+        e.contains("different settings") && e.contains("depth"),
+        "{e}"
+    );
     // The untouched run still resumes.
     assert_eq!(run(&f, &s, &dir, true, None).unwrap(), Outcome::Finished);
 }
@@ -304,14 +338,20 @@ fn settings_are_checked() {
     let f = fixture();
     let mut s = settings("llama", MatrixOptimizer::Muon);
     s.seq_len = 100_000;
-    let e = run(&f, &s, &f.root.join("r1"), false, None).unwrap_err().to_string();
+    let e = run(&f, &s, &f.root.join("r1"), false, None)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("seq_len"), "{e}");
     let mut s = settings("transformer-xl", MatrixOptimizer::Muon);
     s.steps = 1;
-    let e = run(&f, &s, &f.root.join("r2"), false, None).unwrap_err().to_string();
+    let e = run(&f, &s, &f.root.join("r2"), false, None)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("style"), "{e}");
     let mut s = settings("llama", MatrixOptimizer::Muon);
     s.lr = f64::NAN;
-    let e = run(&f, &s, &f.root.join("r3"), false, None).unwrap_err().to_string();
+    let e = run(&f, &s, &f.root.join("r3"), false, None)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("lr"), "{e}");
 }

@@ -97,7 +97,11 @@ pub(super) fn swiglu_bwd(gate: &[f32], up: &[f32], dy: &[f32]) -> (Vec<f32>, Vec
     let mut du = vec![0f32; gate.len()];
     dg.par_chunks_mut(CHUNK)
         .zip(du.par_chunks_mut(CHUNK))
-        .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK)))
+        .zip(
+            gate.par_chunks(CHUNK)
+                .zip(up.par_chunks(CHUNK))
+                .zip(dy.par_chunks(CHUNK)),
+        )
         .for_each(|((dg, du), ((g, u), d))| swiglu_bwd_task(g, u, d, dg, du));
     (dg, du)
 }

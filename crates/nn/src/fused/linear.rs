@@ -79,14 +79,29 @@ pub(super) fn matmul(m: usize, n: usize, k: usize, lhs: View<'_>, rhs: View<'_>,
 }
 
 /// `y (m, n) = x (m, k) W^T + b` with `W` (n, k) row-major.
-pub(super) fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, m: usize, n: usize, k: usize) -> Vec<f32> {
+pub(super) fn forward(
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Vec<f32> {
     let mut y = vec![0f32; m * n];
     matmul(
         m,
         n,
         k,
-        View { data: x, rs: k, cs: 1 },
-        View { data: w, rs: 1, cs: k },
+        View {
+            data: x,
+            rs: k,
+            cs: 1,
+        },
+        View {
+            data: w,
+            rs: 1,
+            cs: k,
+        },
         &mut y,
     );
     if let Some(b) = b {
@@ -106,8 +121,16 @@ pub(super) fn grad_x(dy: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec
         m,
         k,
         n,
-        View { data: dy, rs: n, cs: 1 },
-        View { data: w, rs: k, cs: 1 },
+        View {
+            data: dy,
+            rs: n,
+            cs: 1,
+        },
+        View {
+            data: w,
+            rs: k,
+            cs: 1,
+        },
         &mut dx,
     );
     dx
@@ -120,8 +143,16 @@ pub(super) fn grad_w(dy: &[f32], x: &[f32], m: usize, n: usize, k: usize) -> Vec
         n,
         k,
         m,
-        View { data: dy, rs: 1, cs: n },
-        View { data: x, rs: k, cs: 1 },
+        View {
+            data: dy,
+            rs: 1,
+            cs: n,
+        },
+        View {
+            data: x,
+            rs: k,
+            cs: 1,
+        },
         &mut dw,
     );
     dw
