@@ -37,28 +37,52 @@ impl View<'_> {
     }
 }
 
-/// `dst (m, n) = lhs (m, k) · rhs (k, n)`, `dst` row-major and overwritten.
-pub(super) fn matmul(m: usize, n: usize, k: usize, lhs: View<'_>, rhs: View<'_>, dst: &mut [f32]) {
-    assert!(dst.len() >= m * n, "matmul: dst too small");
+/// `lhs (m, k) · rhs (k, n)` as a new row-major (m, n) buffer. The GEMM writes every element
+/// (it does not read `dst`), so the buffer is not zero-filled first: for these outputs the
+/// memset cost as much as a tenth of the matmul.
+pub(super) fn matmul_new(m: usize, n: usize, k: usize, lhs: View<'_>, rhs: View<'_>) -> Vec<f32> {
+    let len = m * n;
+    if k == 0 || len == 0 {
+        return vec![0f32; len];
+    }
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    let spare = &mut out.spare_capacity_mut()[..len];
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`; `raw_matmul` only writes through the
+    // pointer (read_dst = false), every one of the `len` elements, before `set_len` below.
+    unsafe {
+        raw_matmul(m, n, k, lhs, rhs, spare.as_mut_ptr().cast::<f32>(), len);
+        out.set_len(len);
+    }
+    out
+}
+
+/// # Safety
+/// `dst` must be valid for writes of `dst_len >= m * n` f32s and not overlap the inputs; `k > 0`.
+unsafe fn raw_matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: View<'_>,
+    rhs: View<'_>,
+    dst: *mut f32,
+    dst_len: usize,
+) {
+    assert!(dst_len >= m * n, "matmul: dst too small");
     assert!(lhs.data.len() >= lhs.extent(m, k), "matmul: lhs too small");
     assert!(rhs.data.len() >= rhs.extent(k, n), "matmul: rhs too small");
     if m == 0 || n == 0 {
         return;
     }
-    if k == 0 {
-        dst[..m * n].fill(0.0);
-        return;
-    }
     // SAFETY: every index the GEMM touches, `i * rs + j * cs` for i, j inside the stated shape,
-    // lies inside the slices, as the assertions above check; `dst` is exclusively borrowed and
-    // does not overlap the inputs (they are shared borrows). With `read_dst = false` the old
-    // contents of `dst` are ignored (`alpha` unused).
+    // lies inside the slices, as the assertions above check; `dst` is valid for m * n writes and
+    // does not overlap the inputs (the caller's contract). With `read_dst = false` the old
+    // contents of `dst` are never read (`alpha` unused).
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             n as isize,
             false,
@@ -87,8 +111,7 @@ pub(super) fn forward(
     n: usize,
     k: usize,
 ) -> Vec<f32> {
-    let mut y = vec![0f32; m * n];
-    matmul(
+    let mut y = matmul_new(
         m,
         n,
         k,
@@ -102,7 +125,6 @@ pub(super) fn forward(
             rs: 1,
             cs: k,
         },
-        &mut y,
     );
     if let Some(b) = b {
         y.par_chunks_mut(n).for_each(|row| {
@@ -116,8 +138,7 @@ pub(super) fn forward(
 
 /// `dx = dy W` (m, k).
 pub(super) fn grad_x(dy: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
-    let mut dx = vec![0f32; m * k];
-    matmul(
+    matmul_new(
         m,
         k,
         n,
@@ -131,15 +152,12 @@ pub(super) fn grad_x(dy: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec
             rs: k,
             cs: 1,
         },
-        &mut dx,
-    );
-    dx
+    )
 }
 
 /// `dW = dy^T x` (n, k).
 pub(super) fn grad_w(dy: &[f32], x: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
-    let mut dw = vec![0f32; n * k];
-    matmul(
+    matmul_new(
         n,
         k,
         m,
@@ -153,9 +171,7 @@ pub(super) fn grad_w(dy: &[f32], x: &[f32], m: usize, n: usize, k: usize) -> Vec
             rs: k,
             cs: 1,
         },
-        &mut dw,
-    );
-    dw
+    )
 }
 
 /// Rows per partial sum of the bias gradient: fixed, so the bits do not depend on threads.
