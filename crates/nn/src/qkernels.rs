@@ -429,7 +429,10 @@ fn quantize_rows_par(x: &[f32], k: usize) -> Vec<XBlock> {
 fn quantize_block(c: &[f32]) -> XBlock {
     let amax = c.iter().fold(0f32, |a, &v| a.max(v.abs()));
     let d = amax / 127.0;
-    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    // Below the smallest normal float `1 / d` overflows to infinity and the rounding below
+    // would overflow (found by the `gguf_model` fuzz target: norm weights of 3e-43); such a
+    // block is zero to 8 bits anyway.
+    let id = if d >= f32::MIN_POSITIVE { 1.0 / d } else { 0.0 };
     let mut qs = [0i8; 32];
     let mut sum = 0i32;
     for (q, &v) in qs.iter_mut().zip(c) {
@@ -727,6 +730,19 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::round_half_away;
+
+    #[test]
+    fn tiny_and_huge_blocks_quantize_without_overflow() {
+        for scale in [3e-43f32, 1e-40, f32::MIN_POSITIVE, 1e-30, 1.0, 1e30] {
+            let c: Vec<f32> = (0..32).map(|i| (i as f32 - 15.5) * scale / 16.0).collect();
+            let b = super::quantize_block(&c);
+            assert!(b.d.is_finite() && b.s.is_finite(), "scale {scale}");
+            assert!(
+                b.qs.iter().all(|&q| (-127..=127).contains(&q)),
+                "scale {scale}"
+            );
+        }
+    }
 
     #[test]
     fn round_half_away_matches_f32_round() {

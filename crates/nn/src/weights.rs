@@ -8,7 +8,7 @@ use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Seek};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -220,7 +220,10 @@ impl HeaderScan<'_> {
 /// candle parses them. Walks the metadata of a v2/v3 file without allocating (values are skipped,
 /// every length is checked against the bytes left). A header it cannot walk is one candle
 /// cannot read either, and candle's error names the problem, so that is left to candle.
-fn check_gguf_header(reader: &mut BufReader<File>, file_len: u64) -> std::result::Result<(), String> {
+fn check_gguf_header(
+    reader: &mut BufReader<File>,
+    file_len: u64,
+) -> std::result::Result<(), String> {
     let mut h = HeaderScan {
         reader,
         pos: 0,
@@ -299,7 +302,10 @@ fn check_gguf_header(reader: &mut BufReader<File>, file_len: u64) -> std::result
 /// Checks every tensor of a GGUF header against the file before anything is read, so that a
 /// corrupt header is reported at open time, by tensor name, and never reaches arithmetic that
 /// panics or allocations the file's size does not bound.
-fn check_gguf_tensors(content: &gguf_file::Content, file_len: u64) -> std::result::Result<(), String> {
+fn check_gguf_tensors(
+    content: &gguf_file::Content,
+    file_len: u64,
+) -> std::result::Result<(), String> {
     let mut extents = Vec::with_capacity(content.tensor_infos.len());
     for (name, info) in &content.tensor_infos {
         let dims = info.shape.dims();
@@ -326,22 +332,13 @@ fn check_gguf_tensors(content: &gguf_file::Content, file_len: u64) -> std::resul
             .checked_mul(dtype.type_size())
             .and_then(|b| u64::try_from(b).ok())
             .ok_or_else(|| format!("tensor `{name}`: {dims:?} {dtype:?} is too large"))?;
-        // The data must lie inside the file (a truncated file or an offset past its end), checked
-        // once here instead of failing late, after the loader has read other tensors.
+        // Whether the data lies inside the file is checked when the tensor is read (candle's
+        // `TensorInfo::read`, sound once the size above cannot overflow): a truncated file still
+        // opens, and names the first tensor it cannot read.
         let start = content.tensor_data_offset.checked_add(info.offset);
-        let end = start.and_then(|s| s.checked_add(bytes));
-        match (start, end) {
-            (Some(start), Some(end)) if end <= file_len => {
-                if bytes > 0 {
-                    extents.push((start, end, name));
-                }
-            }
-            _ => {
-                return Err(format!(
-                    "tensor `{name}` ({dtype:?}, shape {dims:?}) needs {bytes} bytes at offset {} \
-                     of the data section, past the end of the {file_len}-byte file (truncated?)",
-                    info.offset
-                ))
+        if let Some((start, end)) = start.and_then(|s| Some((s, s.checked_add(bytes)?))) {
+            if bytes > 0 && end <= file_len {
+                extents.push((start, end, name));
             }
         }
     }
@@ -371,7 +368,6 @@ impl Weights {
         let file_len = file.metadata().map_err(io)?.len();
         let mut reader = BufReader::new(file);
         check_gguf_header(&mut reader, file_len).map_err(|e| bad(path, "GGUF", e))?;
-        use std::io::Seek;
         reader.rewind().map_err(io)?;
         let content = gguf_file::Content::read(&mut reader)
             .map_err(|e| bad(path, "GGUF", explain_gguf(e)))?;

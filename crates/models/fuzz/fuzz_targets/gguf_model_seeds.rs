@@ -6,7 +6,8 @@
 //!
 //! ```text
 //! cd crates/models/fuzz
-//! rustc -O fuzz_targets/gguf_model_seeds.rs -o target/gguf_model_seeds
+//! mkdir -p target
+//! rustc -O --edition 2021 fuzz_targets/gguf_model_seeds.rs -o target/gguf_model_seeds
 //! target/gguf_model_seeds          # writes corpus/gguf_model/seed-*.gguf (or: ... DIR)
 //! ```
 //!
@@ -79,11 +80,15 @@ fn tensor_bytes(ty: Ty, dims: &[usize], rng: &mut Rng, ones: bool) -> Vec<u8> {
     let mut out = Vec::new();
     match ty {
         Ty::F32 => vals.iter().for_each(|v| out.extend(v.to_le_bytes())),
-        Ty::F16 => vals.iter().for_each(|v| out.extend(f16_bits(*v).to_le_bytes())),
+        Ty::F16 => vals
+            .iter()
+            .for_each(|v| out.extend(f16_bits(*v).to_le_bytes())),
         Ty::Q8_0 => {
             for block in vals.chunks(32) {
                 out.extend(f16_bits(1.0 / 1024.0).to_le_bytes());
-                block.iter().for_each(|v| out.push((v * 1024.0) as i8 as u8));
+                block
+                    .iter()
+                    .for_each(|v| out.push((v * 1024.0) as i8 as u8));
             }
         }
         Ty::Q4_0 | Ty::Q4_1 => {
@@ -140,7 +145,10 @@ fn gguf(meta: &[(&str, Val)], tensors: &[Tensor]) -> Vec<u8> {
     for t in tensors {
         put_str(&mut out, &t.name);
         out.extend((t.dims.len() as u32).to_le_bytes());
-        t.dims.iter().rev().for_each(|d| out.extend((*d as u64).to_le_bytes()));
+        t.dims
+            .iter()
+            .rev()
+            .for_each(|d| out.extend((*d as u64).to_le_bytes()));
         out.extend(t.ty.ggml().to_le_bytes());
         out.extend((offset as u64).to_le_bytes());
         offset += t.data.len().div_ceil(ALIGN) * ALIGN;
@@ -173,32 +181,85 @@ fn model(spec: &Spec, seed: u64) -> Vec<u8> {
     let mut ts = Vec::new();
     let mut add = |name: String, ty: Ty, dims: Vec<usize>, ones: bool, rng: &mut Rng| {
         let data = tensor_bytes(ty, &dims, rng, ones);
-        ts.push(Tensor { name, ty, dims, data });
+        ts.push(Tensor {
+            name,
+            ty,
+            dims,
+            data,
+        });
     };
-    add("token_embd.weight".into(), spec.embed_ty, vec![vocab, h], false, &mut rng);
+    add(
+        "token_embd.weight".into(),
+        spec.embed_ty,
+        vec![vocab, h],
+        false,
+        &mut rng,
+    );
     for i in 0..layers {
         let p = |s: &str| format!("blk.{i}.{s}");
         add(p("attn_norm.weight"), Ty::F32, vec![h], true, &mut rng);
-        add(p("attn_q.weight"), spec.ty, vec![heads * d, h], false, &mut rng);
-        add(p("attn_k.weight"), spec.ty, vec![kv * d, h], false, &mut rng);
-        add(p("attn_v.weight"), spec.ty, vec![kv * d, h], false, &mut rng);
+        add(
+            p("attn_q.weight"),
+            spec.ty,
+            vec![heads * d, h],
+            false,
+            &mut rng,
+        );
+        add(
+            p("attn_k.weight"),
+            spec.ty,
+            vec![kv * d, h],
+            false,
+            &mut rng,
+        );
+        add(
+            p("attn_v.weight"),
+            spec.ty,
+            vec![kv * d, h],
+            false,
+            &mut rng,
+        );
         if spec.qkv_bias {
             add(p("attn_q.bias"), Ty::F32, vec![heads * d], false, &mut rng);
             add(p("attn_k.bias"), Ty::F32, vec![kv * d], false, &mut rng);
             add(p("attn_v.bias"), Ty::F32, vec![kv * d], false, &mut rng);
         }
-        add(p("attn_output.weight"), spec.ty, vec![h, heads * d], false, &mut rng);
+        add(
+            p("attn_output.weight"),
+            spec.ty,
+            vec![h, heads * d],
+            false,
+            &mut rng,
+        );
         add(p("ffn_norm.weight"), Ty::F32, vec![h], true, &mut rng);
         add(p("ffn_gate.weight"), spec.ty, vec![ff, h], false, &mut rng);
         add(p("ffn_up.weight"), spec.ty, vec![ff, h], false, &mut rng);
         add(p("ffn_down.weight"), spec.ty, vec![h, ff], false, &mut rng);
     }
-    add("output_norm.weight".into(), Ty::F32, vec![h], true, &mut rng);
+    add(
+        "output_norm.weight".into(),
+        Ty::F32,
+        vec![h],
+        true,
+        &mut rng,
+    );
     if !spec.tied {
-        add("output.weight".into(), spec.ty, vec![vocab, h], false, &mut rng);
+        add(
+            "output.weight".into(),
+            spec.ty,
+            vec![vocab, h],
+            false,
+            &mut rng,
+        );
     }
     if spec.rope_freqs {
-        add("rope_freqs.weight".into(), Ty::F32, vec![d / 2], true, &mut rng);
+        add(
+            "rope_freqs.weight".into(),
+            Ty::F32,
+            vec![d / 2],
+            true,
+            &mut rng,
+        );
     }
     let k = |s: &str| -> &'static str { Box::leak(format!("{}.{s}", spec.arch).into_boxed_str()) };
     let mut meta = vec![
@@ -278,7 +339,12 @@ fn main() {
     ];
     for spec in &specs {
         let bytes = model(spec, 0x9E37_79B9_7F4A_7C15);
-        assert!(bytes.len() < 64 * 1024, "{} is {} bytes", spec.file, bytes.len());
+        assert!(
+            bytes.len() < 64 * 1024,
+            "{} is {} bytes",
+            spec.file,
+            bytes.len()
+        );
         let path = dir.join(spec.file);
         std::fs::write(&path, &bytes).expect("write a seed");
         println!("{} ({} bytes)", path.display(), bytes.len());
