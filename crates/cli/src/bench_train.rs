@@ -457,38 +457,15 @@ fn peer_env(python: Option<&Path>) -> Result<Peer> {
     let store = kiln_assets::Store::from_env()?;
     let python = match python {
         Some(p) => p.to_path_buf(),
+        // Not quiet: pip's own progress is the progress bar of this long step.
         None => {
-            let venv = store.home().join("bench-venv-torch");
-            let python = venv.join("bin").join("python");
-            let stamp = venv.join(".kiln-packages");
-            let want = PEER_PACKAGES.join(" ");
-            if std::fs::read_to_string(&stamp).ok().as_deref() != Some(want.as_str()) {
-                eprintln!(
-                    "setting up the PyTorch venv at {} ({want}; PyPI's Linux torch wheel brings \
-                     several GB of CUDA libraries, so this takes a while once)",
-                    venv.display()
-                );
-                let ok = Command::new("python3")
-                    .args(["-m", "venv"])
-                    .arg(&venv)
-                    .status()
-                    .context("running `python3 -m venv` (is Python 3 installed?)")?;
-                if !ok.success() {
-                    bail!("`python3 -m venv {}` failed", venv.display());
-                }
-                // Not --quiet: pip's own progress is the progress bar of this long step.
-                let ok = Command::new(&python)
-                    .args(["-m", "pip", "install", "--disable-pip-version-check"])
-                    .args(PEER_PACKAGES)
-                    .status()
-                    .context("installing PyTorch with pip")?;
-                if !ok.success() {
-                    bail!("pip could not install {want} into {}", venv.display());
-                }
-                std::fs::write(&stamp, &want)
-                    .with_context(|| format!("writing {}", stamp.display()))?;
-            }
-            python
+            crate::venv::ensure(
+                "bench-venv-torch",
+                PEER_PACKAGES,
+                "; PyPI's Linux torch wheel brings several GB of CUDA libraries, so this takes a while once",
+                false,
+            )?
+            .1
         }
     };
     let out = Command::new(&python)

@@ -14,6 +14,7 @@ mod speedrun_cmd;
 mod tokenizer_bench;
 mod tokenizer_cmd;
 mod train_cmd;
+mod venv;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

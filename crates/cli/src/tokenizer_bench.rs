@@ -59,37 +59,7 @@ fn bench_dir() -> Result<PathBuf> {
 
 /// Creates (once) the venv with the peers and the script; returns (python, script).
 fn peer_env() -> Result<(PathBuf, PathBuf)> {
-    let store = kiln_assets::Store::from_env()?;
-    let venv = store.home().join("bench-venv");
-    let python = venv.join("bin").join("python");
-    let stamp = venv.join(".kiln-packages");
-    let want = PEER_PACKAGES.join(" ");
-    if std::fs::read_to_string(&stamp).ok().as_deref() != Some(want.as_str()) {
-        eprintln!("setting up the peer venv at {} ({want})", venv.display());
-        let ok = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .context("running `python3 -m venv` (is Python 3 installed?)")?;
-        if !ok.success() {
-            bail!("`python3 -m venv {}` failed", venv.display());
-        }
-        let ok = Command::new(&python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-            ])
-            .args(PEER_PACKAGES)
-            .status()
-            .context("installing the peers with pip")?;
-        if !ok.success() {
-            bail!("pip could not install {want} into {}", venv.display());
-        }
-        std::fs::write(&stamp, &want)?;
-    }
+    let (venv, python) = crate::venv::ensure("bench-venv", PEER_PACKAGES, "", true)?;
     let script = venv.join("tokenizer_peers.py");
     std::fs::write(&script, PEERS_PY)?;
     Ok((python, script))
