@@ -54,16 +54,8 @@ pub fn run(a: SpeedrunArgs) -> Result<()> {
     } else {
         a.data.clone()
     };
+    // Folders give their files without hidden ones (an asset's manifest).
     let files = resolve::input_files(&inputs)?;
-    // Hidden files (an asset's manifest) are never text of the corpus.
-    let files: Vec<PathBuf> = files
-        .into_iter()
-        .filter(|f| {
-            !f.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with('.'))
-        })
-        .collect();
 
     // 1. Tokenizer.
     let t0 = Instant::now();
