@@ -137,6 +137,7 @@ pub fn run(a: SpeedrunArgs) -> Result<()> {
     )?;
     let train_secs = t0.elapsed().as_secs_f64();
     let evals = std::mem::take(&mut progress.evals);
+    let params = progress.params;
     drop(progress);
 
     // 4. Report.
@@ -155,7 +156,6 @@ pub fn run(a: SpeedrunArgs) -> Result<()> {
         ds.meta().vocab_size,
         settings.seq_len,
     );
-    let params = init_model(&cfg, 0)?.1.count();
     let mut r = String::new();
     writeln!(r, "# kiln speedrun report\n")?;
     writeln!(r, "Final validation: **{val_bpb:.4} bits per byte** (loss {val_loss:.4} nats per token) on {} held-out documents ({} tokens, {} bytes).\n", ds.meta().val.n_docs, ds.meta().val.n_tokens, ds.meta().val.n_bytes)?;

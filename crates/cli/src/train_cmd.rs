@@ -206,6 +206,8 @@ pub fn sampler(tok: Tokenizer, eot: u32) -> impl FnMut(&Llama) -> Vec<String> {
 /// Progress on stderr: a bar with loss and speed, and a line per evaluation.
 pub struct Progress {
     bar: Option<ProgressBar>,
+    /// The model's parameter count, from the trainer.
+    pub params: usize,
     pub last: Option<StepMetrics>,
     pub evals: Vec<StepMetrics>,
 }
@@ -214,6 +216,7 @@ impl Progress {
     pub fn new(show_bar: bool) -> Self {
         Self {
             bar: show_bar.then(ProgressBar::hidden),
+            params: 0,
             last: None,
             evals: Vec::new(),
         }
@@ -230,6 +233,7 @@ impl Progress {
 
 impl Observer for Progress {
     fn on_start(&mut self, first: u64, total: u64, params: usize) {
+        self.params = params;
         if let Some(b) = &mut self.bar {
             *b = ProgressBar::new(total);
             b.set_position(first);

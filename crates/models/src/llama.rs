@@ -27,7 +27,6 @@ use kiln_nn::{
     MakeTensor, Mlp, Norm, RmsNorm, RopeLayout, RopeScaling, RotaryEmbedding, SwiGlu, Weights,
 };
 use serde::Deserialize;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// The two layouts of the decoder family. Everything else (sizes, heads, biases, windows) is a
@@ -803,14 +802,6 @@ impl Llama {
     pub fn init(cfg: Config, make: MakeTensor) -> Result<Self> {
         cfg.check()?;
         let mut w = Weights::generated(Path::new("<init>"), make);
-        Self::from_weights(&mut w, cfg, RopeLayout::HalfSplit, Naming::Hf)
-    }
-
-    /// A model around tensors already in memory under Hugging Face names (e.g. a training run's
-    /// variables, which then receive the gradients of [`Self::loss`]).
-    pub fn from_tensors(cfg: Config, tensors: HashMap<String, Tensor>) -> Result<Self> {
-        cfg.check()?;
-        let mut w = Weights::in_memory(Path::new("<memory>"), tensors);
         Self::from_weights(&mut w, cfg, RopeLayout::HalfSplit, Naming::Hf)
     }
 

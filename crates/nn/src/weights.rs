@@ -412,19 +412,6 @@ impl Weights {
         })
     }
 
-    /// Tensors already in memory under checkpoint names (e.g. the variables of a training run);
-    /// `label` names the source in errors.
-    pub fn in_memory(label: &Path, tensors: HashMap<String, Tensor>) -> Self {
-        Self {
-            source: Source::Safetensors {
-                path: label.to_path_buf(),
-                tensors,
-            },
-            device: Device::Cpu,
-            dequantize: false,
-        }
-    }
-
     /// A source that asks `make(name, shape)` for each tensor the model names, with the shape the
     /// config implies: how a new model is initialised through the same code that loads one.
     pub fn generated(label: &Path, make: MakeTensor) -> Self {

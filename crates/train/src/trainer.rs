@@ -202,33 +202,18 @@ impl Params {
     }
 }
 
-/// A freshly initialised model: N(0, 0.02) for matrices and embeddings, the residual output
-/// projections (`o_proj`, `down_proj`) scaled by 1/sqrt(2 x layers) (GPT-2), norm weights 1,
-/// biases 0. The draws follow the model's parameter order from one seeded stream.
-pub fn init_model(cfg: &Config, seed: u64) -> Result<(Llama, Params)> {
+/// Builds the model through `Llama::init`, giving each tensor it names (in the model's creation
+/// order) a variable with the values `data(name, shape)` returns.
+fn build_with_vars(
+    cfg: &Config,
+    mut data: impl FnMut(&str, &[usize]) -> kiln_nn::Result<Vec<f32>> + 'static,
+) -> Result<(Llama, Params)> {
     let made: Rc<RefCell<Vec<(String, Var)>>> = Rc::default();
-    let rng = RefCell::new(Rng::new(seed));
-    let layers = cfg.num_layers;
     let sink = made.clone();
     let make: kiln_nn::MakeTensor = Box::new(move |name: &str, shape: &[usize]| {
-        let n: usize = shape.iter().product();
-        let is_norm = name.contains("norm");
-        let data: Vec<f32> = if name.ends_with(".bias") {
-            vec![0.0; n]
-        } else if is_norm {
-            vec![1.0; n]
-        } else {
-            let std = if name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight") {
-                0.02 / ((2 * layers) as f32).sqrt()
-            } else {
-                0.02
-            };
-            let mut r = rng.borrow_mut();
-            (0..n).map(|_| r.normal_f32() * std).collect()
-        };
-        let var = Var::from_vec(data, shape, &Device::Cpu).map_err(|source| {
+        let var = Var::from_vec(data(name, shape)?, shape, &Device::Cpu).map_err(|source| {
             kiln_nn::NnError::Candle {
-                op: "init variable",
+                op: "model variable",
                 source,
             }
         })?;
@@ -242,32 +227,67 @@ pub fn init_model(cfg: &Config, seed: u64) -> Result<(Llama, Params)> {
     Ok((model, Params { names, vars }))
 }
 
+/// A freshly initialised model: N(0, 0.02) for matrices and embeddings, the residual output
+/// projections (`o_proj`, `down_proj`) scaled by 1/sqrt(2 x layers) (GPT-2), norm weights 1,
+/// biases 0. The draws follow the model's parameter order from one seeded stream.
+pub fn init_model(cfg: &Config, seed: u64) -> Result<(Llama, Params)> {
+    let mut rng = Rng::new(seed);
+    let layers = cfg.num_layers;
+    build_with_vars(cfg, move |name, shape| {
+        let n: usize = shape.iter().product();
+        Ok(if name.ends_with(".bias") {
+            vec![0.0; n]
+        } else if name.contains("norm") {
+            vec![1.0; n]
+        } else {
+            let std = if name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight") {
+                0.02 / ((2 * layers) as f32).sqrt()
+            } else {
+                0.02
+            };
+            (0..n).map(|_| rng.normal_f32() * std).collect()
+        })
+    })
+}
+
 /// A model whose variables start from `tensors` (checkpoint names): for resuming and for tests
-/// against a reference implementation's initial weights.
+/// against a reference implementation's initial weights. Every tensor the config implies must be
+/// there with its shape, and nothing else; the parameters come in creation order, as from
+/// [`init_model`], so optimizer state lines up with a fresh run's.
 pub fn model_from_tensors(
     cfg: &Config,
     tensors: &HashMap<String, Tensor>,
 ) -> Result<(Llama, Params)> {
-    let mut names: Vec<String> = tensors.keys().cloned().collect();
-    names.sort();
-    let mut vars = Vec::with_capacity(names.len());
-    let mut live = HashMap::new();
-    for n in &names {
-        let t = tensors[n]
-            .to_dtype(DType::F32)
+    let source = tensors.clone();
+    let out = build_with_vars(cfg, move |name, shape| {
+        let t = source
+            .get(name)
+            .ok_or_else(|| kiln_nn::NnError::MissingTensor {
+                name: name.into(),
+                path: "<checkpoint>".into(),
+            })?;
+        if t.dims() != shape {
+            return Err(kiln_nn::NnError::TensorShape {
+                name: name.into(),
+                path: "<checkpoint>".into(),
+                expected: format!("{shape:?}"),
+                got: format!("{:?}", t.dims()),
+            });
+        }
+        t.to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
             .map_err(|source| kiln_nn::NnError::Candle {
                 op: "checkpoint tensor to f32",
                 source,
-            })?;
-        let v = Var::from_tensor(&t).map_err(|source| kiln_nn::NnError::Candle {
-            op: "checkpoint variable",
-            source,
-        })?;
-        live.insert(n.clone(), v.as_tensor().clone());
-        vars.push(v);
+            })
+    })?;
+    if let Some(extra) = tensors.keys().find(|k| !out.1.names.contains(k)) {
+        return Err(TrainError::Settings(format!(
+            "the checkpoint has parameter `{extra}` that the model config does not"
+        )));
     }
-    let model = Llama::from_tensors(cfg.clone(), live)?;
-    Ok((model, Params { names, vars }))
+    Ok(out)
 }
 
 /// Is this parameter a matrix of a block (Muon's share)?
@@ -537,6 +557,9 @@ pub enum Outcome {
     Stopped { step: u64 },
 }
 
+/// What a run resumes from: model, its variables, optimizers, loader, step, elapsed seconds.
+type Restored<'a> = (Llama, Params, Optimizers, Loader<'a>, u64, f64);
+
 /// A training run in a folder.
 pub struct Trainer<'a> {
     settings: TrainSettings,
@@ -583,7 +606,7 @@ impl<'a> Trainer<'a> {
                 settings.seq_len
             )));
         }
-        if !resume {
+        let (model, params, opt, loader, step, elapsed_before) = if !resume {
             if latest.is_some() {
                 return Err(TrainError::Settings(format!(
                     "{} already holds a run with checkpoints; pass --resume to continue it or choose another --out",
@@ -603,21 +626,35 @@ impl<'a> Trainer<'a> {
             checkpoint::write_atomic(&run_json, &json)?;
             // A new run starts a new metrics file.
             checkpoint::write_atomic(&run.join("metrics.jsonl"), b"")?;
-            return Ok(Self {
-                settings,
-                cfg,
-                model,
-                params,
-                opt,
-                loader,
-                ds,
-                step: 0,
-                run: run.to_path_buf(),
-                token_bytes,
-                windows,
-                elapsed_before: 0.0,
-            });
-        }
+            (model, params, opt, loader, 0, 0.0)
+        } else {
+            Self::restore(ds, &settings, &cfg, run, latest)?
+        };
+        Ok(Self {
+            settings,
+            cfg,
+            model,
+            params,
+            opt,
+            loader,
+            ds,
+            step,
+            run: run.to_path_buf(),
+            token_bytes,
+            windows,
+            elapsed_before,
+        })
+    }
+
+    /// The state of the run in `run` at its last checkpoint `latest`: model, optimizers,
+    /// loader, step and the elapsed time recorded there.
+    fn restore(
+        ds: &'a Dataset,
+        settings: &TrainSettings,
+        cfg: &Config,
+        run: &Path,
+        latest: Option<PathBuf>,
+    ) -> Result<Restored<'a>> {
         let Some(dir) = latest else {
             return Err(TrainError::Settings(format!(
                 "--resume: {} has no checkpoint to resume from",
@@ -631,12 +668,12 @@ impl<'a> Trainer<'a> {
                 path: dir.clone(),
                 reason: format!("state.json is not valid: {e}"),
             })?;
-        if state.settings != settings {
+        if state.settings != *settings {
             return Err(TrainError::Settings(format!(
                 "--resume with different settings than the run in {}: it was started with {}, now asked for {}",
                 run.display(),
-                describe_diff(&state.settings, &settings),
-                describe_diff(&settings, &state.settings),
+                describe_diff(&state.settings, settings),
+                describe_diff(settings, &state.settings),
             )));
         }
         checkpoint::verify_files(&dir, &state.files)?;
@@ -650,11 +687,8 @@ impl<'a> Trainer<'a> {
             })
         };
         let tensors = load("model.safetensors")?;
-        let (model, params) = model_from_tensors(&cfg, &tensors)?;
-        // Optimizer groups take parameters in the same order as a fresh run: creation order.
-        let order = init_order(&cfg)?;
-        let params = reorder(params, &order)?;
-        let mut opt = Optimizers::new(&params, &settings)?;
+        let (model, params) = model_from_tensors(cfg, &tensors)?;
+        let mut opt = Optimizers::new(&params, settings)?;
         opt.load_state_tensors(&load("optimizer.safetensors")?)?;
         let loader = Loader::restore(
             ds,
@@ -664,20 +698,7 @@ impl<'a> Trainer<'a> {
             state.loader.clone(),
         )?;
         let elapsed_before = truncate_metrics(&run.join("metrics.jsonl"), state.step)?;
-        Ok(Self {
-            settings,
-            cfg,
-            model,
-            params,
-            opt,
-            loader,
-            ds,
-            step: state.step,
-            run: run.to_path_buf(),
-            token_bytes,
-            windows,
-            elapsed_before,
-        })
+        Ok((model, params, opt, loader, state.step, elapsed_before))
     }
 
     pub fn model(&self) -> &Llama {
@@ -869,46 +890,6 @@ impl<'a> Trainer<'a> {
         }
         Ok(dir)
     }
-}
-
-/// The parameter names in a fresh model's creation order (the optimizer's order).
-fn init_order(cfg: &Config) -> Result<Vec<String>> {
-    let names: Rc<RefCell<Vec<String>>> = Rc::default();
-    let sink = names.clone();
-    let make: kiln_nn::MakeTensor = Box::new(move |name: &str, shape: &[usize]| {
-        sink.borrow_mut().push(name.to_string());
-        // One element broadcast to the shape: nothing is allocated per parameter.
-        Tensor::zeros(1, DType::F32, &Device::Cpu)
-            .and_then(|t| t.broadcast_as(shape))
-            .map_err(|source| kiln_nn::NnError::Candle {
-                op: "shape probe",
-                source,
-            })
-    });
-    Llama::init(cfg.clone(), make)?;
-    let out = names.borrow().clone();
-    Ok(out)
-}
-
-fn reorder(p: Params, order: &[String]) -> Result<Params> {
-    let mut by_name: HashMap<String, Var> = p.names.into_iter().zip(p.vars).collect();
-    let mut names = Vec::new();
-    let mut vars = Vec::new();
-    for n in order {
-        let v = by_name.remove(n).ok_or_else(|| {
-            TrainError::Settings(format!(
-                "the checkpoint lacks parameter `{n}` that the model config needs"
-            ))
-        })?;
-        names.push(n.clone());
-        vars.push(v);
-    }
-    if let Some(extra) = by_name.keys().next() {
-        return Err(TrainError::Settings(format!(
-            "the checkpoint has parameter `{extra}` that the model config does not"
-        )));
-    }
-    Ok(Params { names, vars })
 }
 
 /// Keeps the metrics lines of steps up to `step` (a resumed run rewrites the rest) and returns
