@@ -5,8 +5,8 @@
 
 pub mod llama;
 
-pub use kiln_nn::KvCache;
-pub use llama::{chat_template, Config, HfConfig, Llama};
+pub use kiln_nn::{KvCache, PagedKvCache};
+pub use llama::{chat_template, Config, HfConfig, Llama, PagedStep};
 
 use std::path::PathBuf;
 

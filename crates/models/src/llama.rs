@@ -24,7 +24,7 @@ use crate::{ModelError, Result};
 use kiln_nn::candle_core::{DType, Device, Tensor, D};
 use kiln_nn::{
     causal_attention_padded, Embedding, GeluMlp, GgufMetadata, KvCache, LayerNorm, Linear,
-    MakeTensor, Mlp, Norm, RmsNorm, RopeLayout, RopeScaling, RotaryEmbedding, SwiGlu, Weights,
+    MakeTensor, Mlp, Norm, PagedKvCache, PagedSeq, RmsNorm, RopeLayout, RopeScaling, RotaryEmbedding, SwiGlu, Weights,
 };
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -506,6 +506,13 @@ enum Attend<'a> {
         pad: &'a [usize],
     },
     Train,
+    /// Continuous batching: the rows of `x` are the new tokens of several sequences, one after
+    /// another (B = 1); keys and values live in the paged pool.
+    Paged {
+        cache: &'a mut PagedKvCache,
+        layer: usize,
+        seqs: &'a [PagedSeq<'a>],
+    },
 }
 
 impl Block {
@@ -545,6 +552,30 @@ impl Block {
                     .transpose(1, 2)
                     .map_err(nn("heads back"))?
             }
+            Attend::Paged { cache, layer, seqs } => {
+                let rows = t;
+                let front = |y: Tensor| y.transpose(1, 2).map_err(nn("heads to front"));
+                let rotate = |y: Tensor| -> Result<Tensor> {
+                    match rope {
+                        Some((rope, (cos, sin))) => Ok(rope.apply(&y, cos, sin)?),
+                        None => Ok(y.contiguous().map_err(nn("heads contiguous"))?),
+                    }
+                };
+                let flat = |y: Tensor| -> Result<Vec<f32>> {
+                    y.flatten_all()
+                        .and_then(|y| y.to_vec1::<f32>())
+                        .map_err(nn("paged rows"))
+                };
+                let q = flat(rotate(front(q)?)?)?; // [head][row][d]
+                let k = flat(rotate(front(k)?)?)?;
+                let v = flat(front(v)?.contiguous().map_err(nn("v contiguous"))?)?;
+                cache.write(layer, &k, &v, rows, seqs)?;
+                let scale = 1.0 / (cfg.head_dim as f32).sqrt();
+                let o = cache.attend(layer, &q, cfg.num_heads, rows, seqs, self.window, scale)?;
+                Tensor::from_vec(o, (1, cfg.num_heads, rows, cfg.head_dim), x.device())
+                    .and_then(|o| o.transpose(1, 2))
+                    .map_err(nn("paged heads back"))?
+            }
             Attend::Train => {
                 // Rotary embedding and attention on the (B, T, H, D) layout: no transposes or
                 // copies in the graph.
@@ -577,6 +608,17 @@ impl Block {
 
 fn nn(op: &'static str) -> impl Fn(kiln_nn::candle_core::Error) -> ModelError {
     move |source| ModelError::Nn(kiln_nn::NnError::Candle { op, source })
+}
+
+/// One sequence's part of [`Llama::forward_paged`].
+#[derive(Debug, Clone, Copy)]
+pub struct PagedStep<'a> {
+    /// New tokens, at positions `start..start + tokens.len()`.
+    pub tokens: &'a [u32],
+    /// Positions already in the pool for this sequence.
+    pub start: usize,
+    /// Block table covering positions `0..start + tokens.len()`.
+    pub blocks: &'a [u32],
 }
 
 /// A LLaMA-family decoder with its weights.
@@ -951,6 +993,107 @@ impl Llama {
             .squeeze(0)
             .and_then(|l| l.to_vec1::<f32>())
             .map_err(nn("logits"))
+    }
+
+    /// One step of continuous batching: each sequence's new tokens at its positions
+    /// `start..start + len`, keys and values read from and written to the paged pool through its
+    /// block table (which must cover `0..start + len`). Returns each sequence's logits for the
+    /// position after its last new token, (sequences, vocab). Per sequence this computes what
+    /// [`Self::forward`] computes on a private cache, up to rounding.
+    pub fn forward_paged(
+        &self,
+        seqs: &[PagedStep<'_>],
+        cache: &mut PagedKvCache,
+    ) -> Result<Tensor> {
+        if seqs.is_empty() || seqs.iter().any(|s| s.tokens.is_empty()) {
+            return Err(ModelError::Config(
+                "a paged step needs at least one token per sequence".into(),
+            ));
+        }
+        if cache.num_layers() != self.cfg.num_layers {
+            return Err(ModelError::Config(format!(
+                "the paged cache has {} layers, the model {}",
+                cache.num_layers(),
+                self.cfg.num_layers
+            )));
+        }
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut views = Vec::with_capacity(seqs.len());
+        let mut last = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            let len = s.tokens.len();
+            if s.start + len > self.cfg.max_position_embeddings {
+                return Err(ModelError::ContextOverflow {
+                    needed: s.start + len,
+                    max: self.cfg.max_position_embeddings,
+                });
+            }
+            if let Some(&id) = s.tokens.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+                return Err(ModelError::TokenOutOfRange {
+                    id,
+                    vocab: self.cfg.vocab_size,
+                });
+            }
+            views.push(PagedSeq {
+                blocks: s.blocks,
+                start: s.start,
+                len,
+                offset: ids.len(),
+            });
+            ids.extend_from_slice(s.tokens);
+            positions.extend(s.start as u32..(s.start + len) as u32);
+            last.push((ids.len() - 1) as u32);
+        }
+        let n = ids.len();
+        let ids = Tensor::from_vec(ids, (1, n), &self.device).map_err(nn("ids"))?;
+        let mut x = self.embed.forward(&ids)?; // (1, N, hidden)
+        if let Some(pe) = &self.pos_embed {
+            let pos = Tensor::from_vec(positions, (1, n), &self.device).map_err(nn("positions"))?;
+            x = (x + pe.forward(&pos)?).map_err(nn("add positions"))?;
+        }
+        let cos_sin = match self.uses_rope() {
+            true => {
+                let (mut cos, mut sin) = (Vec::new(), Vec::new());
+                for s in seqs {
+                    let (c, si) = self.rope.cos_sin(s.start, s.tokens.len(), &self.device)?;
+                    cos.push(c);
+                    sin.push(si);
+                }
+                Some((
+                    Tensor::cat(&cos, 0).map_err(nn("rope cos"))?,
+                    Tensor::cat(&sin, 0).map_err(nn("rope sin"))?,
+                ))
+            }
+            false => None,
+        };
+        let rope = cos_sin.as_ref().map(|cs| (&self.rope, cs));
+        for (i, layer) in self.layers.iter().enumerate() {
+            let attend = Attend::Paged {
+                cache: &mut *cache,
+                layer: i,
+                seqs: &views,
+            };
+            x = layer.forward(&x, &self.cfg, rope, attend)?;
+        }
+        let last = Tensor::from_vec(last, seqs.len(), &self.device).map_err(nn("last rows"))?;
+        let x = x
+            .squeeze(0)
+            .and_then(|x| x.index_select(&last, 0))
+            .map_err(nn("last positions"))?; // (sequences, hidden)
+        let x = self.norm.forward(&x)?;
+        Ok(self.lm_head.forward(&x)?)
+    }
+
+    /// A paged pool shaped for this model: `num_blocks` blocks of `block_size` positions.
+    pub fn new_paged_cache(&self, block_size: usize, num_blocks: usize) -> Result<PagedKvCache> {
+        Ok(PagedKvCache::new(
+            self.cfg.num_layers,
+            self.cfg.num_kv_heads,
+            self.cfg.head_dim,
+            block_size,
+            num_blocks,
+        )?)
     }
 
     /// The final hidden states after the last norm, (B, T, hidden).

@@ -7,6 +7,8 @@
 //! - [`RmsNorm`], [`RotaryEmbedding`] (with the scaling variants of Hugging Face's
 //!   `modeling_rope_utils.py`), [`KvCache`], [`causal_attention`] (multi-head, grouped-query and
 //!   multi-query; optional sliding window), [`SwiGlu`].
+//! - [`PagedKvCache`]: keys and values in fixed-size blocks shared by a continuous batch, with
+//!   its own attention kernel over block tables ([`PagedSeq`]).
 //! - [`Weights`]: the weight source (GGUF or safetensors) behind one interface, so a model's
 //!   `load` names tensors and never cares about the file format.
 //!
@@ -25,6 +27,7 @@ mod linear;
 mod mlp;
 mod norm;
 mod optim;
+mod paged_kv;
 pub mod qkernels;
 mod rope;
 mod weights;
@@ -36,6 +39,7 @@ pub use kv_cache::KvCache;
 pub use linear::{Embedding, Linear};
 pub use mlp::{GeluMlp, Mlp, SwiGlu};
 pub use norm::{LayerNorm, Norm, RmsNorm};
+pub use paged_kv::{PagedKvCache, PagedSeq};
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, Muon, MuonConfig, OptimState, ParamState};
 pub use rope::{RopeLayout, RopeScaling, RotaryEmbedding};
 pub use weights::{GgufMetadata, MakeTensor, Weights};
