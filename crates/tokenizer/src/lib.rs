@@ -39,6 +39,10 @@
 //!
 //! [`Tokenizer::load`] detects the format from the path.
 //!
+//! BERT's WordPiece (a `tokenizer.json` with `model.type = "WordPiece"`, or a bare
+//! `vocab.txt`) is a separate type, [`WordPiece`] (in [`wordpiece`]), since it shares nothing
+//! with byte-level BPE but the vocabulary file formats.
+//!
 //! # Decoding is lossy
 //!
 //! [`Tokenizer::decode`] replaces invalid UTF-8 (a byte sequence cut in the middle
@@ -54,11 +58,13 @@ pub mod formats;
 mod parallel;
 pub mod pretok;
 pub mod train;
+pub mod wordpiece;
 
 pub use bpe::{BpeModel, Rank};
 pub use decode::{validate_utf8, StreamDecoder};
 pub use error::TokenizerError;
 pub use pretok::PreTokenizer;
+pub use wordpiece::WordPiece;
 
 use error::Result;
 use rayon::prelude::*;
