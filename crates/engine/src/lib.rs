@@ -14,14 +14,22 @@
 
 mod batch;
 mod chat;
+mod embed;
 mod generate;
+mod paged;
 mod sampling;
+mod scheduler;
 mod stop;
 
 pub use batch::{generate_batch, BatchLanguageModel};
 pub use chat::{ChatTemplate, Message};
+pub use embed::{EmbedError, EmbedResult, Embedder, Embeddings};
 pub use generate::{GenerateOptions, Generation, LanguageModel, Session, StopReason};
 pub use sampling::{Sampler, SamplingParams};
+pub use scheduler::{
+    CancelToken, Event, Finish, OnEvent, PagedLanguageModel, Request, Scheduler, SchedulerConfig,
+    Stats,
+};
 pub use stop::{Emit, StopStrings};
 
 /// Errors from this crate.
@@ -49,6 +57,15 @@ pub enum EngineError {
     /// A chat template failed while rendering (including its own `raise_exception`).
     #[error("chat template cannot render this conversation: {0}")]
     TemplateRender(String),
+    /// The scheduler's queue is full.
+    #[error("the server is busy: {queued} requests are already waiting")]
+    Busy { queued: usize },
+    /// The scheduler has stopped.
+    #[error("the scheduler has shut down")]
+    ShutDown,
+    /// A batched forward step failed; every request in it is stopped.
+    #[error("a batched step failed: {0}")]
+    StepFailed(String),
     /// The model failed.
     #[error(transparent)]
     Model(#[from] kiln_models::ModelError),
