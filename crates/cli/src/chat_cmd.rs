@@ -174,6 +174,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
             StopReason::ContextFull => "context full",
             StopReason::Cancelled if interrupt.hits.load(Ordering::SeqCst) > 0 => "interrupted",
             StopReason::Cancelled => "stop string",
+            StopReason::TimedOut => "timed out",
         };
         tracing::info!(
             "turn {turn}: prompt {} tokens, {kept} reused from the KV cache, {} prefilled; \

@@ -279,6 +279,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         StopReason::MaxTokens => "max_tokens".to_string(),
         StopReason::StopToken(id) => format!("stop_token:{id}"),
         StopReason::ContextFull => "context_full".to_string(),
+        StopReason::TimedOut => "timed_out".to_string(),
         StopReason::Cancelled if stop_string => "stop_string".to_string(),
         StopReason::Cancelled => "cancelled".to_string(),
     };

@@ -67,8 +67,10 @@ pub enum StopReason {
     MaxTokens,
     StopToken(u32),
     ContextFull,
-    /// The token callback returned `false` (a stop string, Ctrl-C).
+    /// The token callback returned `false` (a stop string, Ctrl-C), or the caller cancelled.
     Cancelled,
+    /// The request's deadline passed (the scheduler's per-request timeout).
+    TimedOut,
 }
 
 #[derive(Debug, Clone)]
