@@ -1,10 +1,12 @@
-//! Model families, one file per family (the LLaMA-style decoder, later BERT), built only from
-//! `kiln-nn` layers.
+//! Model families, one file per family (`llama.rs`: the LLaMA-style decoder; `bert.rs`: BERT-style
+//! encoders), built only from `kiln-nn` layers.
 //!
 //! Models do no I/O beyond reading their weight source and know nothing about HTTP or tokenizers.
 
+pub mod bert;
 pub mod llama;
 
+pub use bert::Bert;
 pub use kiln_nn::{KvCache, PagedKvCache};
 pub use llama::{chat_template, Config, HfConfig, Llama, PagedStep};
 
