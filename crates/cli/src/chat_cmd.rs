@@ -10,7 +10,8 @@
 //! of the first, Ctrl-C at the prompt, or end of input exits. `/reset` clears the conversation, `/exit` leaves. Works with
 //! stdin not a terminal (lines are turns), which is how the tests drive it.
 
-use crate::generate_cmd::{chat_template, encode_chat, load, Loaded, SamplingArgs, TextStream};
+use crate::generate_cmd::{chat_template, encode_chat, load, Loaded, SamplingArgs};
+use kiln_engine::TextStream;
 use anyhow::{Context, Result};
 use clap::Args;
 use kiln_engine::{EngineError, GenerateOptions, Message, Session, StopReason};

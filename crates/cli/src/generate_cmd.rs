@@ -6,10 +6,10 @@ use crate::resolve;
 use anyhow::{Context, Result};
 use clap::Args;
 use kiln_engine::{
-    ChatTemplate, GenerateOptions, Message, SamplingParams, Session, StopReason, StopStrings,
+    ChatTemplate, GenerateOptions, Message, SamplingParams, Session, StopReason, TextStream,
 };
 use kiln_models::Llama;
-use kiln_tokenizer::{AllowedSpecial, StreamDecoder, Tokenizer};
+use kiln_tokenizer::{AllowedSpecial, Tokenizer};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -100,58 +100,6 @@ pub fn encode_chat(
         .context("rendering the chat template")?;
     tracing::debug!("chat prompt: {text:?}");
     encode(&loaded.tokenizer, &text)
-}
-
-/// Token ids in, printable text out: streaming UTF-8 decoding, stop ids skipped, and stop strings
-/// held back until they are ruled out (so a stop string is never printed, even in part).
-pub struct TextStream<'t> {
-    decoder: StreamDecoder<'t>,
-    stops: StopStrings,
-    skip: Vec<u32>,
-    /// A stop string was found; nothing more will be returned.
-    pub stopped: bool,
-}
-
-impl<'t> TextStream<'t> {
-    pub fn new(tok: &'t Tokenizer, stop_strings: &[String], skip_ids: &[u32]) -> Self {
-        Self {
-            decoder: tok.stream_decoder(),
-            stops: StopStrings::new(stop_strings.iter().cloned()),
-            skip: skip_ids.to_vec(),
-            stopped: false,
-        }
-    }
-
-    /// The text that token `id` lets us print now.
-    pub fn push(&mut self, id: u32) -> String {
-        if self.stopped || self.skip.contains(&id) {
-            return String::new();
-        }
-        let piece = match self.decoder.push(id) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!("cannot decode token {id}: {e}");
-                return String::new();
-            }
-        };
-        let emit = self.stops.push(&piece);
-        self.stopped = emit.stop.is_some();
-        emit.text
-    }
-
-    /// The rest, at the end of the generation (nothing if a stop string was found).
-    pub fn finish(mut self) -> String {
-        if self.stopped {
-            return String::new();
-        }
-        let tail = self.decoder.finish();
-        let emit = self.stops.push(&tail);
-        let mut out = emit.text;
-        if emit.stop.is_none() {
-            out.push_str(&self.stops.finish());
-        }
-        out
-    }
 }
 
 /// The sampling flags `kiln generate` and `kiln chat` share.

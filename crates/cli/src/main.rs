@@ -2,14 +2,17 @@
 //! crates; nothing here knows how a tokenizer or a model works inside.
 
 mod assets_cmd;
+mod bench_embed;
 mod bench_generate;
 mod bench_train;
 mod chat_cmd;
 mod data_cmd;
+mod embed_cmd;
 mod generate_cmd;
 mod logits_cmd;
 mod plot;
 mod resolve;
+mod serve_cmd;
 mod speedrun_cmd;
 mod tokenizer_bench;
 mod tokenizer_cmd;
@@ -45,8 +48,12 @@ enum Command {
     Generate(generate_cmd::GenerateArgs),
     /// Print a model's top next-token logits for a prompt.
     Logits(logits_cmd::LogitsArgs),
+    /// Sentence embeddings from a BERT-style sentence-transformers model (minilm).
+    Embed(embed_cmd::EmbedArgs),
     /// Chat with a model in the terminal (one line per turn; Ctrl-C stops a reply).
     Chat(chat_cmd::ChatArgs),
+    /// Serve a model over an OpenAI-compatible HTTP API with continuous batching, plus a web chat.
+    Serve(serve_cmd::ServeArgs),
     /// Prepare pretraining data: text files to token shards.
     #[command(subcommand)]
     Data(data_cmd::DataCommand),
@@ -65,6 +72,8 @@ enum BenchCommand {
     Generate(bench_generate::BenchGenerateArgs),
     /// Training tokens/s and peak memory against PyTorch eager on the same GPT-2-style model.
     Train(bench_train::BenchTrainArgs),
+    /// Sentence embeddings/s against sentence-transformers on the same model and texts.
+    Embed(bench_embed::BenchEmbedArgs),
 }
 
 fn init_tracing(verbose: u8) {
@@ -95,6 +104,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Speedrun(args) => speedrun_cmd::run(args),
         Command::Bench(BenchCommand::Train(args)) => bench_train::run(args),
         Command::Data(cmd) => data_cmd::run(cmd),
+        Command::Serve(args) => serve_cmd::run(args),
+        Command::Embed(args) => embed_cmd::run(args),
+        Command::Bench(BenchCommand::Embed(args)) => bench_embed::run(args),
     }
 }
 

@@ -20,6 +20,7 @@ mod paged;
 mod sampling;
 mod scheduler;
 mod stop;
+mod text;
 
 pub use batch::{generate_batch, BatchLanguageModel};
 pub use chat::{ChatTemplate, Message};
@@ -31,6 +32,7 @@ pub use scheduler::{
     Stats,
 };
 pub use stop::{Emit, StopStrings};
+pub use text::TextStream;
 
 /// Errors from this crate.
 #[derive(Debug, thiserror::Error)]

@@ -163,6 +163,8 @@ pub struct Stats {
     pub prompt_tokens_cached: u64,
     pub generated_tokens: u64,
     pub preemptions: u64,
+    /// Time spent in the model's forward steps.
+    pub busy: Duration,
 }
 
 enum Msg {
@@ -565,7 +567,10 @@ impl<M: PagedLanguageModel> Worker<M> {
                 }
             })
             .collect();
-        let logits = self.model.step(&inputs, &mut self.pool)?;
+        let t0 = Instant::now();
+        let logits = self.model.step(&inputs, &mut self.pool);
+        self.totals.busy += t0.elapsed();
+        let logits = logits?;
         drop(inputs);
         self.totals.steps += 1;
         let bs = self.cfg.block_size;
