@@ -182,10 +182,10 @@ mod tests {
         assert_eq!(m.take_prefix(&[1, 2, 3, 4], 2).0, vec![0, 1]);
         // Same tokens after another prefix: no match.
         assert!(m.take_prefix(&[3, 4], 1).0.is_empty());
-        // Exhaust: free blocks 3 and 2 first, then the evictable cached block 1 goes... it is
-        // referenced now, so nothing is left after the two free ones.
-        assert_eq!(m.allocate(), Some(3));
+        // Exhaust: the free blocks go first (2, released last, then 3); cached blocks 0 and 1 are
+        // referenced now, so nothing is left after them.
         assert_eq!(m.allocate(), Some(2));
+        assert_eq!(m.allocate(), Some(3));
         assert_eq!(m.allocate(), None);
         m.release(&[0, 0, 0, 1]);
         // 0 was released after 1? Both now evictable; 0 went first into the list.

@@ -548,7 +548,13 @@ impl Block {
                 let q = rotate(front(q)?)?;
                 let k = rotate(front(k)?)?;
                 let (k, v) = cache.append(layer, &k, &front(v)?)?;
-                causal_attention_padded(&q, &k, &v, self.window, pad)? // (B, H, T, D)
+                let att = if b == 1 && pad.iter().all(|&p| p == 0) {
+                    // In place over the cache, with the paged kernel's arithmetic.
+                    kiln_nn::cached_attention(&q, &k, &v, self.window)?
+                } else {
+                    causal_attention_padded(&q, &k, &v, self.window, pad)?
+                };
+                att // (B, H, T, D)
                     .transpose(1, 2)
                     .map_err(nn("heads back"))?
             }

@@ -179,3 +179,72 @@ pub fn causal_attention_reference(
     let probs = candle_nn::ops::softmax(&scores, D::Minus1).op("softmax")?;
     probs.matmul(&v).op("probs v")
 }
+
+/// [`causal_attention`] for one sequence whose keys and values are views into a
+/// [`crate::KvCache`] buffer, (1, H_kv, S, D) out of (1, H_kv, capacity, D): computed in place
+/// by the paged pool's kernel (the buffer is one block of `capacity` positions), so generation
+/// with the contiguous cache and continuous batching over the paged pool give a sequence
+/// bit-identical logits. Anything else (a batch, other dtypes or devices) takes
+/// [`causal_attention`].
+pub fn cached_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    window: Option<usize>,
+) -> Result<Tensor> {
+    let (b, hq, t, d) = q.dims4().op("attention q dims")?;
+    let (_, hkv, s, _) = k.dims4().op("attention k dims")?;
+    check_heads(hq, hkv, t, s)?;
+    let fits = |x: &Tensor| {
+        let l = x.layout();
+        let st = l.stride();
+        x.device().is_cpu()
+            && x.dtype() == candle_core::DType::F32
+            && l.start_offset() == 0
+            && st.len() == 4
+            && st[3] == 1
+            && st[2] == d
+            && st[1] % d == 0
+            && st[1] / d >= s
+    };
+    if b != 1 || !fits(k) || !fits(v) || k.layout().stride() != v.layout().stride() {
+        return causal_attention(q, k, v, window);
+    }
+    let capacity = k.layout().stride()[1] / d;
+    let qv = q
+        .contiguous()
+        .and_then(|q| q.flatten_all())
+        .and_then(|q| q.to_vec1::<f32>())
+        .op("attention q")?;
+    let (ks, _) = k.storage_and_layout();
+    let (vs, _) = v.storage_and_layout();
+    let (candle_core::Storage::Cpu(kc), candle_core::Storage::Cpu(vc)) = (&*ks, &*vs) else {
+        return causal_attention(q, k, v, window);
+    };
+    let (kd, vd) = (
+        kc.as_slice::<f32>().op("kv cache keys")?,
+        vc.as_slice::<f32>().op("kv cache values")?,
+    );
+    let seq = [crate::PagedSeq {
+        blocks: &[0],
+        start: s - t,
+        len: t,
+        offset: 0,
+    }];
+    let out = crate::paged_kv::attend_blocks(
+        &kd[..hkv * capacity * d],
+        &vd[..hkv * capacity * d],
+        crate::paged_kv::Geometry {
+            kv_heads: hkv,
+            head_dim: d,
+            block_size: capacity,
+        },
+        &qv,
+        hq,
+        t,
+        &seq,
+        window,
+        1.0 / (d as f32).sqrt(),
+    );
+    Tensor::from_vec(out, (1, hq, t, d), q.device()).op("attention out")
+}

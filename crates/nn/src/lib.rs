@@ -33,7 +33,7 @@ mod rope;
 mod weights;
 
 pub use attention::{
-    causal_attention, causal_attention_padded, causal_attention_reference, repeat_kv,
+    cached_attention, causal_attention, causal_attention_padded, causal_attention_reference, repeat_kv,
 };
 pub use kv_cache::KvCache;
 pub use linear::{Embedding, Linear};

@@ -185,11 +185,56 @@ impl PagedKvCache {
                 got: format!("{q_heads} heads, {} values", q.len()),
             });
         }
-        let n_rep = q_heads / self.kv_heads;
-        let (kl, vl) = (&self.k[layer], &self.v[layer]);
+        Ok(attend_blocks(
+            &self.k[layer],
+            &self.v[layer],
+            Geometry {
+                kv_heads: self.kv_heads,
+                head_dim: d,
+                block_size: self.block_size,
+            },
+            q,
+            q_heads,
+            rows,
+            seqs,
+            window,
+            scale,
+        ))
+    }
+}
+
+/// Where keys live in a key (or value) buffer: `[block][kv_head][offset][head_dim]`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Geometry {
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub block_size: usize,
+}
+
+/// The attention kernel shared by the paged pool and the contiguous [`crate::KvCache`] (which is
+/// one block per sequence, of its capacity): the same arithmetic in the same order, so a sequence
+/// gets bit-identical results from both. Arguments as in [`PagedKvCache::attend`] (checked by the
+/// callers).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend_blocks(
+    kl: &[f32],
+    vl: &[f32],
+    g: Geometry,
+    q: &[f32],
+    q_heads: usize,
+    rows: usize,
+    seqs: &[PagedSeq],
+    window: Option<usize>,
+    scale: f32,
+) -> Vec<f32> {
+    let d = g.head_dim;
+    let index = |block: u32, head: usize, offset: usize| {
+        ((block as usize * g.kv_heads + head) * g.block_size + offset) * d
+    };
+    let n_rep = q_heads / g.kv_heads;
         let mut out = vec![0f32; q.len()];
         let head = |h: usize, out: &mut [f32]| {
-            let g = h / n_rep;
+            let kvh = h / n_rep;
             let mut scores = Vec::new();
             for s in seqs {
                 for i in 0..s.len {
@@ -200,7 +245,7 @@ impl PagedKvCache {
                     scores.clear();
                     let mut max = f32::NEG_INFINITY;
                     for j in lo..=qpos {
-                        let at = self.index(s.blocks[j / self.block_size], g, j % self.block_size);
+                        let at = index(s.blocks[j / g.block_size], kvh, j % g.block_size);
                         let x = dot(qv, &kl[at..at + d]) * scale;
                         max = max.max(x);
                         scores.push(x);
@@ -212,7 +257,7 @@ impl PagedKvCache {
                     }
                     let o = &mut out[row * d..][..d];
                     for (j, &p) in (lo..=qpos).zip(scores.iter()) {
-                        let at = self.index(s.blocks[j / self.block_size], g, j % self.block_size);
+                        let at = index(s.blocks[j / g.block_size], kvh, j % g.block_size);
                         let w = p / sum;
                         for (o, &x) in o.iter_mut().zip(&vl[at..at + d]) {
                             *o += w * x;
@@ -232,8 +277,7 @@ impl PagedKvCache {
                 .enumerate()
                 .for_each(|(h, o)| head(h, o));
         }
-        Ok(out)
-    }
+    out
 }
 
 /// Written as eight independent lanes so the compiler vectorizes it (a plain fold is one serial

@@ -187,3 +187,26 @@ fn bad_sizes_are_errors_not_panics() {
     let w = QWeight::from_gguf_bytes(QFormat::Q8_0, 2, 32, &[0; 68]).unwrap();
     assert!(w.matmul(&[0.0; 33]).is_err());
 }
+
+/// Batch invariance: a row's output does not depend on how many other rows share the matmul
+/// (or which tile it lands in), bit for bit, for every kernel. Continuous batching relies on it:
+/// a request decoded among others gets the same tokens as alone.
+#[test]
+fn each_row_is_the_same_whatever_shares_its_batch() {
+    for format in FORMATS {
+        let (n, k) = (45, 160);
+        let w = random_weight(format, n, k, 77);
+        let x = rand_vec(11 * k, 5);
+        for kernel in Kernel::available() {
+            let alone: Vec<Vec<f32>> = (0..11)
+                .map(|r| w.matmul_with(&x[r * k..(r + 1) * k], kernel).unwrap())
+                .collect();
+            for m in 1..=11 {
+                let got = w.matmul_with(&x[..m * k], kernel).unwrap();
+                for r in 0..m {
+                    assert_eq!(&got[r * n..(r + 1) * n], &alone[r][..], "{format:?} {kernel:?}: row {r} of {m}");
+                }
+            }
+        }
+    }
+}
