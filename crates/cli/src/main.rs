@@ -161,7 +161,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if matches!(
         cli.command,
-        Command::Train(_) | Command::Speedrun(_) | Command::Bench(BenchCommand::Train(_))
+        Command::Train(_)
+            | Command::Speedrun(_)
+            | Command::Bench(BenchCommand::Train(_))
+            | Command::Embed(_)
+            | Command::Bench(BenchCommand::Embed(_))
     ) {
         single_candle_pool();
     }

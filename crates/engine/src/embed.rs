@@ -6,10 +6,10 @@
 //! sample in between, so the [`Embedder`] owns its tokenizer: callers (the CLI, the HTTP
 //! server) never handle ids. The encoder itself still sees only ids.
 //!
-//! Batching follows sentence-transformers' `encode`: texts are sorted by length (longest first)
-//! so each batch pads little, run in batches of [`Embedder::batch_size`], and the vectors are put
-//! back in the caller's order. A text's vector does not depend on its batch neighbours beyond
-//! float rounding (padded keys are masked out), which `tests/embed_parity.rs` checks.
+//! Texts run in batches of [`Embedder::batch_size`]. The encoder packs a batch without padding
+//! (see `kiln_models::bert`), so unlike sentence-transformers' `encode` there is nothing to gain
+//! from sorting texts by length, and a text's vector does not depend on its batch neighbours
+//! beyond float rounding in the GEMMs, which `tests/embed_parity.rs` checks.
 
 use kiln_models::bert::{self, Bert};
 use kiln_models::ModelError;
@@ -22,6 +22,9 @@ pub enum EmbedError {
     /// The model path is not a folder.
     #[error("{0} is not a model folder (expected config.json, model.safetensors and tokenizer.json or vocab.txt)")]
     NotAFolder(PathBuf),
+    /// A file the model needs is not in the folder.
+    #[error("{dir} has no {what}")]
+    MissingFile { dir: PathBuf, what: &'static str },
     /// A sentence-transformers file of the folder could not be read or parsed.
     #[error("{path}: {reason}")]
     BadFile { path: PathBuf, reason: String },
@@ -72,12 +75,30 @@ impl Embedder {
         if !dir.is_dir() {
             return Err(EmbedError::NotAFolder(dir.to_path_buf()));
         }
+        let missing = |what| EmbedError::MissingFile {
+            dir: dir.to_path_buf(),
+            what,
+        };
+        if !dir.join("config.json").is_file() {
+            return Err(missing("config.json"));
+        }
+        if !dir.join("model.safetensors").is_file()
+            && !dir.join("model.safetensors.index.json").is_file()
+        {
+            return Err(missing("model.safetensors"));
+        }
+        if !dir.join("tokenizer.json").is_file() && !dir.join("vocab.txt").is_file() {
+            return Err(missing("tokenizer.json or vocab.txt"));
+        }
         let model = Bert::load(dir)?;
         let tokenizer = WordPiece::load(dir)?;
         let context = model.config().max_position_embeddings;
 
         let st_config = read_json(&dir.join("sentence_bert_config.json"))?;
-        let max_len = match st_config.as_ref().map(|(p, v)| (p, v.get("max_seq_length"))) {
+        let max_len = match st_config
+            .as_ref()
+            .map(|(p, v)| (p, v.get("max_seq_length")))
+        {
             None | Some((_, None)) => context,
             Some((path, Some(v))) => match v.as_u64().and_then(|n| usize::try_from(n).ok()) {
                 Some(n) if n >= tokenizer.num_special_tokens() + 1 => n.min(context),
@@ -105,11 +126,16 @@ impl Embedder {
             };
             normalize = list.iter().any(|m| ty(m).ends_with(".Normalize"));
             if let Some(p) = list.iter().find(|m| ty(m).ends_with(".Pooling")) {
-                let sub = p.get("path").and_then(|s| s.as_str()).unwrap_or("1_Pooling");
+                let sub = p
+                    .get("path")
+                    .and_then(|s| s.as_str())
+                    .unwrap_or("1_Pooling");
                 pooling_dir = dir.join(sub);
             }
             if let Some(m) = list.iter().map(ty).find(|t| {
-                !t.ends_with(".Transformer") && !t.ends_with(".Pooling") && !t.ends_with(".Normalize")
+                !t.ends_with(".Transformer")
+                    && !t.ends_with(".Pooling")
+                    && !t.ends_with(".Normalize")
             }) {
                 return Err(EmbedError::Unsupported {
                     path,
@@ -160,7 +186,8 @@ impl Embedder {
         }
         let ids: Vec<Vec<u32>> = texts.iter().map(|t| self.tokenize(t)).collect();
         let tokens = ids.iter().map(Vec::len).sum();
-        self.embed_ids(&ids).map(|vectors| Embeddings { vectors, tokens })
+        self.embed_ids(&ids)
+            .map(|vectors| Embeddings { vectors, tokens })
     }
 
     /// The ids the encoder sees for `text`: `[CLS] ... [SEP]`, at most [`Self::max_len`].
@@ -173,21 +200,16 @@ impl Embedder {
         if ids.is_empty() {
             return Err(EmbedError::NoTexts);
         }
-        // Longest first (sentence-transformers' order); the sort is stable, so equal lengths
-        // keep their order and results are reproducible.
-        let mut order: Vec<usize> = (0..ids.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(ids[i].len()));
-        let mut vectors = vec![Vec::new(); ids.len()];
-        for chunk in order.chunks(self.batch_size) {
-            let rows: Vec<&[u32]> = chunk.iter().map(|&i| ids[i].as_slice()).collect();
+        let mut vectors = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(self.batch_size) {
+            let rows: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
             let lengths: Vec<usize> = rows.iter().map(|r| r.len()).collect();
-            let hidden = self.model.forward(&rows)?;
-            let pooled = bert::mean_pool(&hidden, &lengths)?;
-            for (&i, mut v) in chunk.iter().zip(pooled) {
+            let hidden = self.model.forward(&rows)?; // (tokens, dim), packed
+            for mut v in bert::mean_pool(&hidden, &lengths)? {
                 if self.normalize {
                     l2_normalize(&mut v);
                 }
-                vectors[i] = v;
+                vectors.push(v);
             }
         }
         Ok(vectors)

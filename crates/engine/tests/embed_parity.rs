@@ -85,7 +85,11 @@ fn minilm_matches_sentence_transformers() {
     for (c, v) in cases.iter().zip(&batched.vectors) {
         worst = worst.max(compare(v, &c.embedding, &format!("batched {:?}", c.text)));
         let single = embedder.embed(&[&c.text]).expect("embed one");
-        worst = worst.max(compare(&single.vectors[0], &c.embedding, &format!("single {:?}", c.text)));
+        worst = worst.max(compare(
+            &single.vectors[0],
+            &c.embedding,
+            &format!("single {:?}", c.text),
+        ));
         // Batch and single agree more closely than either agrees with PyTorch.
         let d = single.vectors[0]
             .iter()
@@ -103,7 +107,11 @@ fn minilm_matches_sentence_transformers() {
     small.set_batch_size(3);
     let again = small.embed(&texts).expect("embed in batches of 3");
     for (a, b) in again.vectors.iter().zip(&batched.vectors) {
-        let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let d = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
         assert!(d < 1e-6, "batch size 3 vs 32: {d:e}");
     }
 }
@@ -166,10 +174,16 @@ fn bad_input_is_an_error_not_a_panic() {
     copy_dir(&dir, &m);
     let cfg_path = m.join("config.json");
     let cfg = std::fs::read_to_string(&cfg_path).expect("config");
-    std::fs::write(&cfg_path, cfg.replace("\"intermediate_size\": 1536", "\"intermediate_size\": 1024"))
-        .expect("write");
+    std::fs::write(
+        &cfg_path,
+        cfg.replace("\"intermediate_size\": 1536", "\"intermediate_size\": 1024"),
+    )
+    .expect("write");
     let e = err(&m);
-    assert!(e.contains("intermediate.dense.weight") && e.contains("1024"), "{e}");
+    assert!(
+        e.contains("intermediate.dense.weight") && e.contains("1024"),
+        "{e}"
+    );
 
     // A truncated safetensors file.
     let m = tmp.path().join("truncated");

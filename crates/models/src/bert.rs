@@ -13,9 +13,11 @@
 //!   no masked-LM or classification heads, no dropout (inference only).
 //! - Q, K and V are one (3 * hidden, hidden) projection, concatenated at load time, so a layer
 //!   makes one GEMM call for them instead of three.
-//! - Batches are right-padded and described by their lengths rather than by a 0/1 mask tensor:
-//!   padded key positions are hidden from every query. Padded query rows are computed (and
-//!   finite) but meaningless; callers pool over the real positions only.
+//! - A batch is packed, not padded: the sequences' tokens one after another, (N, hidden) for N
+//!   tokens in all, described by their lengths rather than by a 0/1 mask. Every layer but
+//!   attention works per token, so nothing is spent on padding, and attention is kiln-nn's
+//!   `fused::encoder_attention`, which keeps each sequence to itself. A text's hidden states
+//!   therefore do not depend on what else is in its batch.
 //! - Computation is f32 on the CPU; F16/BF16 checkpoints are widened on load.
 
 use crate::{ModelError, Result};
@@ -213,11 +215,11 @@ pub struct Bert {
     layers: Vec<Layer>,
 }
 
-/// A right-padded batch: the ids (B, T) and each row's real length.
+/// A packed batch: the ids (N,) and positions (N,) of the sequences one after another.
 struct Batch {
     ids: Tensor,
+    positions: Tensor,
     lengths: Vec<usize>,
-    t: usize,
 }
 
 fn nn(op: &'static str) -> impl Fn(kiln_nn::candle_core::Error) -> ModelError {
@@ -225,59 +227,40 @@ fn nn(op: &'static str) -> impl Fn(kiln_nn::candle_core::Error) -> ModelError {
 }
 
 impl Embeddings {
-    /// `ids` (B, T) -> (B, T, hidden); token type 0 everywhere (single sentences).
-    fn forward(&self, ids: &Tensor, t: usize) -> Result<Tensor> {
+    /// `ids`, `positions` (N,) -> (N, hidden); token type 0 everywhere (single sentences).
+    fn forward(&self, ids: &Tensor, positions: &Tensor) -> Result<Tensor> {
         let words = self.word.forward(ids)?;
-        let pos = self.position.narrow(0, 0, t).map_err(nn("positions"))?;
+        let pos = self
+            .position
+            .index_select(positions, 0)
+            .map_err(nn("positions"))?;
         let typ = self.token_type.narrow(0, 0, 1).map_err(nn("token types"))?;
-        let pos_typ = pos.broadcast_add(&typ).map_err(nn("positions + types"))?;
-        let x = words.broadcast_add(&pos_typ).map_err(nn("embeddings sum"))?;
+        let x = (words + pos)
+            .and_then(|x| x.broadcast_add(&typ))
+            .map_err(nn("embeddings sum"))?;
         Ok(self.norm.forward(&x)?)
     }
 }
 
 impl SelfAttention {
-    /// `x` (B, T, hidden), `mask` (B, 1, 1, T) additive (0 or a large negative). Returns
-    /// (B, T, hidden).
-    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let (b, t, hidden) = x.dims3().map_err(nn("attention input dims"))?;
-        let (nh, hd) = (self.num_heads, self.head_dim);
-        let qkv = self.qkv.forward(x)?; // (B, T, 3 * hidden)
-        let qkv = qkv
-            .reshape((b, t, 3, nh, hd))
-            .and_then(|t| t.permute((2, 0, 3, 1, 4))) // (3, B, nh, T, hd)
-            .and_then(|t| t.contiguous())
-            .map_err(nn("split heads"))?;
-        let pick = |i: usize| qkv.get(i).map_err(nn("q/k/v"));
-        let (q, k, v) = (pick(0)?, pick(1)?, pick(2)?);
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = q
-            .matmul(&k.t().map_err(nn("k^T"))?)
-            .and_then(|s| s * scale)
-            .map_err(nn("q k^T"))?; // (B, nh, T, T)
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(m).map_err(nn("attention mask"))?,
-            None => scores,
-        };
-        let probs = kiln_nn::candle_nn::ops::softmax_last_dim(&scores).map_err(nn("softmax"))?;
-        let ctx = probs
-            .matmul(&v)
-            .and_then(|c| c.transpose(1, 2)) // (B, T, nh, hd)
-            .and_then(|c| c.reshape((b, t, hidden)))
-            .map_err(nn("attention context"))?;
+    /// `x` (N, hidden), the sequences of `lengths` packed. Returns (N, hidden).
+    fn forward(&self, x: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+        let qkv = self.qkv.forward(x)?; // (N, 3 * hidden), read as (N, 3, nh, hd)
+        let scale = 1.0 / (self.head_dim as f32).sqrt();
+        let ctx = kiln_nn::fused::encoder_attention(&qkv, self.num_heads, lengths, scale)?;
         Ok(self.out.forward(&ctx)?)
     }
 }
 
 impl Layer {
-    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let a = self.attention.forward(x, mask)?;
+    fn forward(&self, x: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+        let a = self.attention.forward(x, lengths)?;
         let x = self
             .attention_norm
             .forward(&(x + a).map_err(nn("attention residual"))?)?;
         let h = self.up.forward(&x)?;
         let h = match self.activation {
-            Activation::Gelu => h.gelu_erf().map_err(nn("gelu"))?,
+            Activation::Gelu => kiln_nn::fused::gelu_erf(&h)?,
             Activation::GeluTanh => kiln_nn::fused::gelu_tanh(&h)?,
         };
         let y = self.down.forward(&h)?;
@@ -387,33 +370,34 @@ impl Bert {
         &self.cfg
     }
 
-    /// The last hidden states (B, T, hidden) of a batch of id sequences, right-padded to the
-    /// longest, T. Row `b`'s positions `rows[b].len()..T` are padding: hidden from attention,
-    /// their outputs meaningless. Token type 0 throughout (single sentences).
+    /// The last hidden states of a batch of id sequences, packed: (N, hidden) with the
+    /// sequences' tokens one after another (N = the sum of their lengths). Token type 0
+    /// throughout (single sentences).
     pub fn forward(&self, rows: &[&[u32]]) -> Result<Tensor> {
         let batch = self.batch(rows)?;
-        let mask = self.mask(&batch)?;
-        let mut x = self.embeddings.forward(&batch.ids, batch.t)?;
+        let mut x = self.embeddings.forward(&batch.ids, &batch.positions)?;
         for layer in &self.layers {
-            x = layer.forward(&x, mask.as_ref())?;
+            x = layer.forward(&x, &batch.lengths)?;
         }
         Ok(x)
     }
 
     fn batch(&self, rows: &[&[u32]]) -> Result<Batch> {
-        let t = rows.iter().map(|r| r.len()).max().unwrap_or(0);
-        if rows.is_empty() || t == 0 {
+        if rows.is_empty() || rows.iter().any(|r| r.is_empty()) {
             return Err(ModelError::Config(
-                "an encoder batch needs at least one non-empty sequence".into(),
+                "an encoder batch needs at least one sequence, none of them empty".into(),
             ));
         }
-        if t > self.cfg.max_position_embeddings {
+        let max = self.cfg.max_position_embeddings;
+        if let Some(r) = rows.iter().find(|r| r.len() > max) {
             return Err(ModelError::ContextOverflow {
-                needed: t,
-                max: self.cfg.max_position_embeddings,
+                needed: r.len(),
+                max,
             });
         }
-        let mut ids = Vec::with_capacity(rows.len() * t);
+        let n: usize = rows.iter().map(|r| r.len()).sum();
+        let mut ids = Vec::with_capacity(n);
+        let mut positions = Vec::with_capacity(n);
         for r in rows {
             if let Some(&id) = r.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
                 return Err(ModelError::TokenOutOfRange {
@@ -422,41 +406,26 @@ impl Bert {
                 });
             }
             ids.extend_from_slice(r);
-            ids.resize(ids.len() + t - r.len(), 0);
+            positions.extend(0..r.len() as u32);
         }
-        let ids = Tensor::from_vec(ids, (rows.len(), t), &Device::Cpu).map_err(nn("batch ids"))?;
+        let tensor = |v: Vec<u32>| Tensor::from_vec(v, n, &Device::Cpu).map_err(nn("batch ids"));
         Ok(Batch {
-            ids,
+            ids: tensor(ids)?,
+            positions: tensor(positions)?,
             lengths: rows.iter().map(|r| r.len()).collect(),
-            t,
         })
-    }
-
-    /// The additive key mask (B, 1, 1, T), or `None` when no row is padded. `f32::MIN` rather
-    /// than minus infinity, as transformers does, so that no sum can become NaN.
-    fn mask(&self, batch: &Batch) -> Result<Option<Tensor>> {
-        let t = batch.t;
-        if batch.lengths.iter().all(|&l| l == t) {
-            return Ok(None);
-        }
-        let mut m = vec![0f32; batch.lengths.len() * t];
-        for (row, &len) in m.chunks_mut(t).zip(&batch.lengths) {
-            row[len..].fill(f32::MIN);
-        }
-        let m = Tensor::from_vec(m, (batch.lengths.len(), 1, 1, t), &Device::Cpu)
-            .map_err(nn("attention mask"))?;
-        Ok(Some(m))
     }
 }
 
-/// Mean of each row's first `lengths[b]` hidden states: sentence-transformers' mean pooling over
-/// the attention mask. `hidden` is (B, T, H); returns B vectors of H.
+/// The mean of each sequence's hidden states: sentence-transformers' mean pooling over the
+/// attention mask. `hidden` is (N, H), the sequences of `lengths` packed as [`Bert::forward`]
+/// returns them; gives one vector of H per sequence.
 pub fn mean_pool(hidden: &Tensor, lengths: &[usize]) -> Result<Vec<Vec<f32>>> {
-    let (b, t, h) = hidden.dims3().map_err(nn("pool dims"))?;
-    if lengths.len() != b || lengths.iter().any(|&l| l > t) {
+    let (n, h) = hidden.dims2().map_err(nn("pool dims"))?;
+    if lengths.iter().sum::<usize>() != n {
         return Err(ModelError::Nn(NnError::Shape {
             op: "mean pool",
-            expected: format!("{b} lengths of at most {t}"),
+            expected: format!("lengths summing to {n}"),
             got: format!("{lengths:?}"),
         }));
     }
@@ -465,17 +434,18 @@ pub fn mean_pool(hidden: &Tensor, lengths: &[usize]) -> Result<Vec<Vec<f32>>> {
         .and_then(|x| x.flatten_all())
         .and_then(|x| x.to_vec1::<f32>())
         .map_err(nn("pool read"))?;
-    let mut out = Vec::with_capacity(b);
-    for (row, &len) in data.chunks(t * h).zip(lengths) {
+    let mut out = Vec::with_capacity(lengths.len());
+    let mut rows = data.chunks_exact(h);
+    for &len in lengths {
         let mut acc = vec![0f32; h];
-        for tok in row.chunks(h).take(len) {
+        for tok in rows.by_ref().take(len) {
             for (a, &v) in acc.iter_mut().zip(tok) {
                 *a += v;
             }
         }
         // sentence-transformers divides by max(count, 1e-9).
-        let n = (len as f32).max(1e-9);
-        acc.iter_mut().for_each(|a| *a /= n);
+        let count = (len as f32).max(1e-9);
+        acc.iter_mut().for_each(|a| *a /= count);
         out.push(acc);
     }
     Ok(out)
@@ -529,15 +499,15 @@ mod tests {
     }
 
     #[test]
-    fn mean_pool_ignores_padding() {
+    fn mean_pool_averages_each_sequence() {
         let x = Tensor::from_vec(
-            vec![1f32, 2., 3., 4., 100., 100., 5., 6., 7., 8., 9., 10.],
-            (2, 3, 2),
+            vec![1f32, 2., 3., 4., 5., 6., 7., 8., 9., 10.],
+            (5, 2),
             &Device::Cpu,
         )
         .unwrap();
         let p = mean_pool(&x, &[2, 3]).unwrap();
         assert_eq!(p, vec![vec![2., 3.], vec![7., 8.]]);
-        assert!(mean_pool(&x, &[4, 1]).is_err());
+        assert!(mean_pool(&x, &[4, 2]).is_err());
     }
 }

@@ -27,8 +27,10 @@
 //!
 //! - [`linear`]: `y = x W^T + b` in one node, `dx = dy W`, `dW = dy^T x`, `db = sum_rows(dy)`
 //!   on the `gemm` crate (see `fused/linear.rs`).
-//! - [`gelu_tanh`] and [`swiglu`]: the MLP activations, elementwise with their derivatives
-//!   (formulas in `fused/activation.rs`).
+//! - [`gelu_tanh`], [`gelu_erf`] and [`swiglu`]: the MLP activations, elementwise with their
+//!   derivatives (formulas in `fused/activation.rs`).
+//! - [`encoder_attention`] (forward only, for inference): bidirectional attention over a packed
+//!   batch of sequences straight from a fused QKV projection's (N, 3, H, D) output.
 //!
 //! **Determinism.** The same inputs give bit-identical outputs and gradients on every run and for
 //! any rayon thread count: work is split into chunks fixed by the shapes alone (rows for norms and
@@ -43,6 +45,7 @@
 mod activation;
 mod attention;
 mod cross_entropy;
+mod encoder_attention;
 mod linear;
 mod norm;
 mod rope;
@@ -90,6 +93,15 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     check_input(OP, x, DType::F32)?;
     let x = x.contiguous().op(OP)?;
     x.apply_op1(GeluOp).op(OP)
+}
+
+/// GELU, exact (`x Phi(x)` with erf: BERT's `"gelu"`, torch's default), elementwise; erf to
+/// within 1.5e-7 (see `fused/activation.rs`). Grad to `x`.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    const OP: &str = "fused::gelu_erf";
+    check_input(OP, x, DType::F32)?;
+    let x = x.contiguous().op(OP)?;
+    x.apply_op1(GeluErfOp).op(OP)
 }
 
 /// SwiGLU's gating: `silu(gate) * up`, elementwise over two tensors of one shape. Grads to both.
@@ -233,6 +245,53 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Resul
         packed: false,
     };
     q.apply_op3(&k, &v, op).op(OP)
+}
+
+/// Bidirectional (encoder) attention over a packed batch, forward only (no backward: an
+/// inference kernel). `qkv` (N, 3 * H * D) is a fused QKV projection's output for N tokens, read
+/// as (N, 3, H, D): the sequences of `lengths` (each at least 1, summing to N) one after another,
+/// with no padding, each attending to itself only. Returns `softmax(scale * Q K^T) V` per
+/// sequence as (N, H * D).
+pub fn encoder_attention(
+    qkv: &Tensor,
+    num_heads: usize,
+    lengths: &[usize],
+    scale: f32,
+) -> Result<Tensor> {
+    const OP: &str = "fused::encoder_attention";
+    check_input(OP, qkv, DType::F32)?;
+    let (n, three_hd) = qkv
+        .dims2()
+        .map_err(|_| shape_err(OP, "qkv of rank 2 (N, 3 * H * D)", qkv))?;
+    if num_heads == 0 || three_hd == 0 || three_hd % (3 * num_heads) != 0 {
+        return Err(shape_err(
+            OP,
+            &format!("a last dimension 3 * {num_heads} heads * D"),
+            qkv,
+        ));
+    }
+    if lengths.contains(&0) || lengths.iter().try_fold(0usize, |a, &l| a.checked_add(l)) != Some(n)
+    {
+        return Err(NnError::Shape {
+            op: OP,
+            expected: format!("positive lengths summing to {n}"),
+            got: format!("{lengths:?}"),
+        });
+    }
+    if !scale.is_finite() {
+        return Err(NnError::Config {
+            what: "fused::encoder_attention scale",
+            reason: format!("{scale} is not finite"),
+        });
+    }
+    let qkv = qkv.contiguous().op(OP)?;
+    let op = EncoderAttentionOp {
+        lengths: lengths.to_vec(),
+        heads: num_heads,
+        head_dim: three_hd / (3 * num_heads),
+        scale,
+    };
+    qkv.apply_op1_no_bwd(&op).op(OP)
 }
 
 /// Checks q (B, H_q, T, D), k and v (B, H_kv, T, D) and the scale.
@@ -727,6 +786,48 @@ impl CustomOp1 for GeluOp {
         let dx = {
             let (xd, gd) = (F32Data::new(x)?, F32Data::new(&grad)?);
             activation::gelu_bwd(xd.get(), gd.get())
+        };
+        Ok(Some(grad_tensor(dx, x)?))
+    }
+}
+
+struct EncoderAttentionOp {
+    lengths: Vec<usize>,
+    heads: usize,
+    head_dim: usize,
+    scale: f32,
+}
+
+impl CustomOp1 for EncoderAttentionOp {
+    fn name(&self) -> &'static str {
+        "kiln-fused-encoder-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, _) = l.shape().dims2()?;
+        let (h, d) = (self.heads, self.head_dim);
+        let y = encoder_attention::forward(cpu_f32(s, l)?, &self.lengths, h, d, self.scale);
+        Ok((CpuStorage::F32(y), Shape::from((n, h * d))))
+    }
+}
+
+struct GeluErfOp;
+
+impl CustomOp1 for GeluErfOp {
+    fn name(&self) -> &'static str {
+        "kiln-fused-gelu-erf"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = activation::gelu_erf(cpu_f32(s, l)?);
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        let dx = {
+            let (xd, gd) = (F32Data::new(x)?, F32Data::new(&grad)?);
+            activation::gelu_erf_bwd(xd.get(), gd.get())
         };
         Ok(Some(grad_tensor(dx, x)?))
     }

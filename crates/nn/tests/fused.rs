@@ -533,7 +533,8 @@ fn all_ops_bits() -> Vec<Vec<u32>> {
     record(&[g.clone(), u], &r, &|t| {
         fused::swiglu(&t[0], &t[1]).unwrap()
     });
-    record(&[g], &r, &|t| fused::gelu_tanh(&t[0]).unwrap());
+    record(&[g.clone()], &r, &|t| fused::gelu_tanh(&t[0]).unwrap());
+    record(&[g], &r, &|t| fused::gelu_erf(&t[0]).unwrap());
     out
 }
 
@@ -633,6 +634,14 @@ fn gelu_and_swiglu_match_candle() {
             |t| fused::gelu_tanh(&t[0]).unwrap(),
             |t| t[0].gelu().unwrap(),
         );
+        check(
+            &format!("gelu_erf {shape:?}"),
+            &["x"],
+            std::slice::from_ref(&x),
+            &r,
+            |t| fused::gelu_erf(&t[0]).unwrap(),
+            |t| t[0].gelu_erf().unwrap(),
+        );
         let u = rng.tensor(shape, 2.0);
         check(
             &format!("swiglu {shape:?}"),
@@ -656,6 +665,7 @@ fn gelu_and_swiglu_match_candle() {
     assert!(fused::linear(&a, &w, Some(&bias)).is_err());
     let ints = Tensor::new(&[1u32, 2], &Device::Cpu).unwrap();
     assert!(fused::gelu_tanh(&ints).is_err());
+    assert!(fused::gelu_erf(&ints).is_err());
 }
 
 #[test]
@@ -748,4 +758,73 @@ fn bad_inputs_are_errors_not_panics() {
     assert!(fused::cross_entropy(&logits, &t_oob, 8).is_ok());
     let l3 = rng.tensor(&[1, 3, 8], 1.0);
     assert!(is_shape(fused::cross_entropy(&l3, &targets, u32::MAX)));
+}
+
+/// The textbook composition for one sequence of [`fused::encoder_attention`]: `x` is its
+/// (len, 3 * h * d) slice of the packed QKV.
+fn naive_encoder_sequence(x: &Tensor, h: usize, d: usize, scale: f32) -> Tensor {
+    let (len, _) = x.dims2().unwrap();
+    let x = x.reshape((len, 3, h, d)).unwrap();
+    let part = |i: usize| {
+        x.i((.., i))
+            .unwrap()
+            .transpose(0, 1)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+    }; // (h, len, d)
+    let (q, k, v) = (part(0), part(1), part(2));
+    let s = (q.matmul(&k.t().unwrap()).unwrap() * scale as f64).unwrap();
+    let p = kiln_nn::candle_nn::ops::softmax_last_dim(&s).unwrap();
+    p.matmul(&v)
+        .unwrap()
+        .transpose(0, 1)
+        .unwrap()
+        .reshape((len, h * d))
+        .unwrap()
+}
+
+#[test]
+fn encoder_attention_matches_naive() {
+    let mut rng = Rng(31);
+    for (h, d, lengths) in [
+        (1usize, 1usize, vec![1usize]),
+        (3, 5, vec![7, 1, 4]),
+        (2, 33, vec![70, 66]),
+        (12, 32, vec![3, 19, 19, 18]),
+    ] {
+        let n: usize = lengths.iter().sum();
+        let qkv = rng.tensor(&[n, 3 * h * d], 2.0);
+        let scale = 1.0 / (d as f32).sqrt();
+        let got = fused::encoder_attention(&qkv, h, &lengths, scale).unwrap();
+        assert_eq!(got.dims(), &[n, h * d]);
+        let mut start = 0;
+        for &len in &lengths {
+            let case = format!("encoder_attention h{h} d{d} lengths {lengths:?} at {start}");
+            assert_close(
+                &case,
+                &got.narrow(0, start, len).unwrap(),
+                &naive_encoder_sequence(&qkv.narrow(0, start, len).unwrap(), h, d, scale),
+            );
+            start += len;
+        }
+        // Bit-identical across thread counts (one task per sequence).
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let single = one.install(|| fused::encoder_attention(&qkv, h, &lengths, scale).unwrap());
+        assert_eq!(values(&single), values(&got));
+    }
+    let qkv = rng.tensor(&[8, 18], 1.0);
+    for bad in [&[4usize][..], &[0, 8], &[5, 4]] {
+        assert!(matches!(
+            fused::encoder_attention(&qkv, 2, bad, 0.5),
+            Err(NnError::Shape { .. })
+        ));
+    }
+    assert!(fused::encoder_attention(&qkv, 4, &[4, 4], 0.5).is_err());
+    assert!(fused::encoder_attention(&qkv, 2, &[4, 4], f32::NAN).is_err());
+    let three = rng.tensor(&[2, 4, 18], 1.0);
+    assert!(fused::encoder_attention(&three, 2, &[4, 4], 0.5).is_err());
 }

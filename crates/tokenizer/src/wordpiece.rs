@@ -205,8 +205,8 @@ impl WordPiece {
     /// lowercasing, `[UNK]`, `[CLS] ... [SEP]`, words of at most 100 characters.
     pub fn from_vocab_txt(path: &Path, do_lower_case: bool) -> Result<Self> {
         let data = read_file(path)?;
-        let text = std::str::from_utf8(&data)
-            .map_err(|e| bad_file(path, format!("not UTF-8 ({e})")))?;
+        let text =
+            std::str::from_utf8(&data).map_err(|e| bad_file(path, format!("not UTF-8 ({e})")))?;
         let mut vocab = FxHashMap::default();
         let mut id_to_token = Vec::new();
         for (i, line) in text.lines().enumerate() {
@@ -290,16 +290,22 @@ impl WordPiece {
             match model.get(key) {
                 None | Some(Value::Null) => Ok(default.to_string()),
                 Some(Value::String(s)) => Ok(s.clone()),
-                Some(v) => Err(bad_file(path, format!("`model.{key}` is {v}, not a string"))),
+                Some(v) => Err(bad_file(
+                    path,
+                    format!("`model.{key}` is {v}, not a string"),
+                )),
             }
         };
         let unk = str_field("unk_token", "[UNK]")?;
         let prefix = str_field("continuing_subword_prefix", "##")?;
         let max_input_chars_per_word = match model.get("max_input_chars_per_word") {
             None | Some(Value::Null) => 100,
-            Some(v) => v.as_u64().and_then(|n| usize::try_from(n).ok()).ok_or_else(|| {
-                bad_file(path, format!("`model.max_input_chars_per_word` is {v}"))
-            })?,
+            Some(v) => v
+                .as_u64()
+                .and_then(|n| usize::try_from(n).ok())
+                .ok_or_else(|| {
+                    bad_file(path, format!("`model.max_input_chars_per_word` is {v}"))
+                })?,
         };
 
         let mut added = Vec::new();
@@ -311,7 +317,10 @@ impl WordPiece {
                     .and_then(Value::as_u64)
                     .and_then(|i| u32::try_from(i).ok());
                 let (Some(content), Some(id)) = (content, id) else {
-                    return Err(bad_file(path, format!("added token {t} lacks content or id")));
+                    return Err(bad_file(
+                        path,
+                        format!("added token {t} lacks content or id"),
+                    ));
                 };
                 if content.is_empty() {
                     continue;
@@ -320,7 +329,10 @@ impl WordPiece {
                 added.push(AddedToken {
                     content: content.to_string(),
                     id,
-                    normalized: t.get("normalized").and_then(Value::as_bool).unwrap_or(false),
+                    normalized: t
+                        .get("normalized")
+                        .and_then(Value::as_bool)
+                        .unwrap_or(false),
                 });
             }
         }
@@ -328,7 +340,12 @@ impl WordPiece {
             .get(&unk)
             .copied()
             .or_else(|| added.iter().find(|a| a.content == unk).map(|a| a.id))
-            .ok_or_else(|| bad_file(path, format!("the unknown token {unk:?} is not in the vocabulary")))?;
+            .ok_or_else(|| {
+                bad_file(
+                    path,
+                    format!("the unknown token {unk:?} is not in the vocabulary"),
+                )
+            })?;
 
         let normalizer = match root.get("normalizer") {
             None | Some(Value::Null) => None,
@@ -386,7 +403,8 @@ impl WordPiece {
     }
 
     fn assemble(mut p: Parts) -> Self {
-        p.added.sort_by(|a, b| b.content.len().cmp(&a.content.len()));
+        p.added
+            .sort_by(|a, b| b.content.len().cmp(&a.content.len()));
         Self {
             vocab: p.vocab,
             id_to_token: p.id_to_token,
@@ -581,7 +599,10 @@ fn bert_normalizer(v: &Value, path: &Path) -> Result<BertNormalizer> {
             None => Ok(Some(default)),
             Some(Value::Null) => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(x) => Err(bad_file(path, format!("normalizer.{key} is {x}, not a boolean"))),
+            Some(x) => Err(bad_file(
+                path,
+                format!("normalizer.{key} is {x}, not a boolean"),
+            )),
         }
     };
     let lowercase = flag("lowercase", true)?.unwrap_or(true);
@@ -624,7 +645,9 @@ fn post_processor(
                     .get("SpecialToken")
                     .and_then(|s| s.get("id"))
                     .and_then(Value::as_str)
-                    .ok_or_else(|| bad_file(path, format!("template item {item} not understood")))?;
+                    .ok_or_else(|| {
+                        bad_file(path, format!("template item {item} not understood"))
+                    })?;
                 // The template's own table gives the ids; else the vocabulary does.
                 let ids: Vec<u32> = match specials
                     .and_then(|s| s.get(name))
@@ -637,7 +660,10 @@ fn post_processor(
                         .collect::<Option<_>>()
                         .ok_or_else(|| bad_file(path, format!("special token {name}: bad ids")))?,
                     None => vec![lookup(name).ok_or_else(|| {
-                        bad_file(path, format!("template token {name:?} is not in the vocabulary"))
+                        bad_file(
+                            path,
+                            format!("template token {name:?} is not in the vocabulary"),
+                        )
                     })?],
                 };
                 if seen_sequence {
@@ -675,8 +701,10 @@ enum Piece<'a> {
 /// leftmost-longest (`tokens` is sorted longest first).
 fn split_added<'a>(text: &'a str, tokens: &[AddedToken], normalized: bool) -> Vec<Piece<'a>> {
     let mut pieces = Vec::new();
-    let candidates: Vec<&AddedToken> =
-        tokens.iter().filter(|t| t.normalized == normalized).collect();
+    let candidates: Vec<&AddedToken> = tokens
+        .iter()
+        .filter(|t| t.normalized == normalized)
+        .collect();
     if candidates.is_empty() {
         pieces.push(Piece::Text(text));
         return pieces;
@@ -725,7 +753,10 @@ mod tests {
     fn greedy_longest_match_first() {
         let wp = tiny();
         assert_eq!(wp.encode("unaffable"), vec![2, 5, 6, 7, 3]);
-        assert_eq!(wp.encode("Hello, UNAFFABLE!"), vec![2, 8, 9, 5, 6, 7, 10, 3]);
+        assert_eq!(
+            wp.encode("Hello, UNAFFABLE!"),
+            vec![2, 8, 9, 5, 6, 7, 10, 3]
+        );
         // One unknown piece makes the whole word unknown.
         assert_eq!(wp.encode_without_special("unaffx"), vec![1]);
         assert_eq!(wp.encode_without_special("abbb"), vec![11, 12, 12, 12]);
@@ -743,7 +774,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vocab.txt");
         std::fs::write(&path, "a\nb\n").unwrap();
-        let e = WordPiece::from_vocab_txt(&path, true).unwrap_err().to_string();
+        let e = WordPiece::from_vocab_txt(&path, true)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("vocab.txt") && e.contains("[UNK]"), "{e}");
     }
 }

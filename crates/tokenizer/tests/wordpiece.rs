@@ -60,8 +60,14 @@ fn bad_files_are_errors_naming_the_file() {
     };
     let cases = [
         write("not_json.json", "{"),
-        write("bpe.json", r#"{"model": {"type": "BPE", "vocab": {}, "merges": []}}"#),
-        write("no_unk.json", r#"{"model": {"type": "WordPiece", "vocab": {"a": 0}}}"#),
+        write(
+            "bpe.json",
+            r#"{"model": {"type": "BPE", "vocab": {}, "merges": []}}"#,
+        ),
+        write(
+            "no_unk.json",
+            r#"{"model": {"type": "WordPiece", "vocab": {"a": 0}}}"#,
+        ),
         write(
             "bad_norm.json",
             r#"{"model": {"type": "WordPiece", "unk_token": "a", "vocab": {"a": 0}},
@@ -89,5 +95,9 @@ fn bad_files_are_errors_naming_the_file() {
     ));
     let empty = tempfile::tempdir().expect("tempdir");
     let e = WordPiece::load(empty.path()).expect_err("empty folder");
-    assert!(e.to_string().contains("neither tokenizer.json nor vocab.txt"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("neither tokenizer.json nor vocab.txt"),
+        "{e}"
+    );
 }
