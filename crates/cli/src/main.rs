@@ -4,6 +4,7 @@
 mod assets_cmd;
 mod bench_embed;
 mod bench_generate;
+mod bench_serve;
 mod bench_train;
 mod chat_cmd;
 mod data_cmd;
@@ -70,6 +71,8 @@ enum Command {
 enum BenchCommand {
     /// Prompt processing and decode tok/s against llama.cpp's llama-bench on the same GGUF.
     Generate(bench_generate::BenchGenerateArgs),
+    /// Output tokens/s and time to first token of `kiln serve` at 1-64 concurrent streaming clients.
+    Serve(bench_serve::BenchServeArgs),
     /// Training tokens/s and peak memory against PyTorch eager on the same GPT-2-style model.
     Train(bench_train::BenchTrainArgs),
     /// Sentence embeddings/s against sentence-transformers on the same model and texts.
@@ -105,6 +108,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCommand::Train(args)) => bench_train::run(args),
         Command::Data(cmd) => data_cmd::run(cmd),
         Command::Serve(args) => serve_cmd::run(args),
+        Command::Bench(BenchCommand::Serve(args)) => bench_serve::run(args),
         Command::Embed(args) => embed_cmd::run(args),
         Command::Bench(BenchCommand::Embed(args)) => bench_embed::run(args),
     }

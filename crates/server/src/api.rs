@@ -18,6 +18,8 @@ pub struct Common {
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
+    /// vLLM's extension: keep generating past end-of-sequence tokens (for benchmarks).
+    pub ignore_eos: bool,
 }
 
 pub struct ChatRequest {
@@ -194,6 +196,7 @@ fn common(m: &Map<String, Value>, limits: &Limits) -> Result<Common, ApiError> {
         stop,
         stream,
         include_usage,
+        ignore_eos: boolean(m, "ignore_eos")?,
     })
 }
 

@@ -332,6 +332,7 @@ async fn generate(
         Some(m) => m,
         None => room.min(state.limits.max_output_tokens),
     };
+    let stop_ids = if common.ignore_eos { Vec::new() } else { stop_ids };
     let prompt_tokens: usize = prompts.iter().map(Vec::len).sum::<usize>() * common.n;
     // One choice per (prompt, n); choice index = prompt * n + j, as OpenAI numbers them.
     let choices: Vec<(usize, Vec<u32>, u64)> = prompts
