@@ -101,7 +101,7 @@ impl Embedder {
         {
             None | Some((_, None)) => context,
             Some((path, Some(v))) => match v.as_u64().and_then(|n| usize::try_from(n).ok()) {
-                Some(n) if n >= tokenizer.num_special_tokens() + 1 => n.min(context),
+                Some(n) if n > tokenizer.num_special_tokens() => n.min(context),
                 _ => {
                     return Err(EmbedError::BadFile {
                         path: path.clone(),

@@ -403,8 +403,7 @@ impl WordPiece {
     }
 
     fn assemble(mut p: Parts) -> Self {
-        p.added
-            .sort_by(|a, b| b.content.len().cmp(&a.content.len()));
+        p.added.sort_by_key(|a| std::cmp::Reverse(a.content.len()));
         Self {
             vocab: p.vocab,
             id_to_token: p.id_to_token,
