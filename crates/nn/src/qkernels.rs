@@ -87,6 +87,46 @@ pub struct XBlock {
     qs: [i8; 32],
 }
 
+/// Two consecutive activation blocks repacked for [`Kernel::Avx512Zmm`]: the 64 int8 values in
+/// one 512-bit load, each lane's scale (block `2p` in lanes 0..8, block `2p + 1` in 8..16, the
+/// layout `vpdpbusd`'s 16 partial sums come out in) and the two `s` terms. A row with an odd
+/// number of blocks ends in a pair whose second half is zeros.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct XPair {
+    qs: [i8; 64],
+    d: [f32; 16],
+    s: [f32; 2],
+}
+
+/// Rows of activation blocks, pairs for the 512-bit kernel.
+fn pack_pairs(xq: &[XBlock], nb: usize) -> Vec<XPair> {
+    let np = nb.div_ceil(2);
+    let mut out = Vec::with_capacity(xq.len() / nb.max(1) * np);
+    for row in xq.chunks_exact(nb) {
+        for pair in row.chunks(2) {
+            let mut p = XPair {
+                qs: [0; 64],
+                d: [0.0; 16],
+                s: [0.0; 2],
+            };
+            for (h, b) in pair.iter().enumerate() {
+                p.qs[h * 32..(h + 1) * 32].copy_from_slice(&b.qs);
+                p.d[h * 8..(h + 1) * 8].fill(b.d);
+                p.s[h] = b.s;
+            }
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Quantized activations in the layout the chosen kernel reads, `rows` rows of `stride` units.
+enum XRows {
+    Blocks(Vec<XBlock>),
+    Pairs(Vec<XPair>),
+}
+
 /// The GGUF block formats this module multiplies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QFormat {
@@ -115,12 +155,26 @@ pub enum Kernel {
     Avx2,
     /// AVX-512 VNNI (256-bit `vpdpbusd`, needs AVX512VL) plus AVX2 + FMA + F16C.
     Avx512Vnni,
+    /// 512-bit `vpdpbusd` over pairs of blocks, with activations repacked per pair
+    /// ([`XPair`]): AVX-512 F/BW/DQ/VNNI plus F16C.
+    Avx512Zmm,
 }
 
 impl Kernel {
-    /// The fastest kernel the running CPU supports.
+    /// The fastest kernel the running CPU supports, or the one `KILN_QKERNEL` names (`scalar`,
+    /// `avx2`, `avx512vnni`, `avx512zmm`) if the CPU has it: for comparing kernels in benchmarks.
     pub fn detect() -> Kernel {
-        *Kernel::available().last().unwrap_or(&Kernel::Scalar)
+        static CHOSEN: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *CHOSEN.get_or_init(|| {
+            let available = Kernel::available();
+            let asked = std::env::var("KILN_QKERNEL").ok().and_then(|v| {
+                available
+                    .iter()
+                    .copied()
+                    .find(|k| format!("{k:?}").eq_ignore_ascii_case(&v))
+            });
+            asked.unwrap_or(*available.last().unwrap_or(&Kernel::Scalar))
+        })
     }
 
     /// Every kernel the running CPU supports, slowest first (always starts with `Scalar`).
@@ -135,6 +189,12 @@ impl Kernel {
                 v.push(Kernel::Avx2);
                 if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
                     v.push(Kernel::Avx512Vnni);
+                    if is_x86_feature_detected!("avx512f")
+                        && is_x86_feature_detected!("avx512bw")
+                        && is_x86_feature_detected!("avx512dq")
+                    {
+                        v.push(Kernel::Avx512Zmm);
+                    }
                 }
             }
         }
@@ -143,7 +203,8 @@ impl Kernel {
 
     /// Whether this kernel can run on the current CPU.
     pub fn is_available(self) -> bool {
-        Kernel::available().contains(&self)
+        static AVAILABLE: std::sync::OnceLock<Vec<Kernel>> = std::sync::OnceLock::new();
+        AVAILABLE.get_or_init(Kernel::available).contains(&self)
     }
 }
 
@@ -324,6 +385,10 @@ impl QWeight {
         } else {
             quantize_rows(x, k)
         };
+        let xq = match kernel {
+            Kernel::Avx512Zmm => XRows::Pairs(pack_pairs(&xq, nb)),
+            _ => XRows::Blocks(xq),
+        };
         use rayon::prelude::*;
         if m.div_ceil(TILE) >= 2 * threads || (!parallel && m > 1) {
             // Many activation rows (prefill, batches): each task takes a tile of rows against all
@@ -332,10 +397,9 @@ impl QWeight {
             let mut out = vec![0f32; m * n];
             let run = |r0: usize, rows: &mut [f32]| {
                 let t = rows.len() / n;
-                let x = &xq[r0 * nb..(r0 + t) * nb];
                 let mut o = [0f32; TILE];
                 for j in 0..n {
-                    self.dot_tile(j, nb, x, &mut o[..t], kernel);
+                    self.dot_tile(j, nb, &xq, r0, &mut o[..t], kernel);
                     for (i, v) in o[..t].iter().enumerate() {
                         rows[i * n + j] = *v;
                     }
@@ -384,11 +448,25 @@ impl QWeight {
         Ok(out)
     }
 
-    /// Weight row `j` against the `out.len()` (1..=TILE) activation rows in `x`.
-    fn dot_tile(&self, j: usize, nb: usize, x: &[XBlock], out: &mut [f32], kernel: Kernel) {
-        match &self.blocks {
-            Blocks::Q4(bs) => q4_tile(&bs[j * nb..(j + 1) * nb], x, nb, out, kernel),
-            Blocks::Q8(bs) => q8_tile(&bs[j * nb..(j + 1) * nb], x, nb, out, kernel),
+    /// Weight row `j` against the `out.len()` (1..=TILE) activation rows from row `r0` of `xq`.
+    fn dot_tile(&self, j: usize, nb: usize, xq: &XRows, r0: usize, out: &mut [f32], kernel: Kernel) {
+        let t = out.len();
+        match xq {
+            XRows::Blocks(xb) => {
+                let x = &xb[r0 * nb..(r0 + t) * nb];
+                match &self.blocks {
+                    Blocks::Q4(bs) => q4_tile(&bs[j * nb..(j + 1) * nb], x, nb, out, kernel),
+                    Blocks::Q8(bs) => q8_tile(&bs[j * nb..(j + 1) * nb], x, nb, out, kernel),
+                }
+            }
+            XRows::Pairs(xp) => {
+                let np = nb.div_ceil(2);
+                let x = &xp[r0 * np..(r0 + t) * np];
+                match &self.blocks {
+                    Blocks::Q4(bs) => zmm_tile(ZmmW::Q4(&bs[j * nb..(j + 1) * nb]), x, nb, out),
+                    Blocks::Q8(bs) => zmm_tile(ZmmW::Q8(&bs[j * nb..(j + 1) * nb]), x, nb, out),
+                }
+            }
         }
     }
 
@@ -397,7 +475,7 @@ impl QWeight {
         &self,
         j: usize,
         nb: usize,
-        xq: &[XBlock],
+        xq: &XRows,
         m: usize,
         out: &mut [f32],
         kernel: Kernel,
@@ -405,8 +483,7 @@ impl QWeight {
         let mut r = 0;
         while r < m {
             let t = (m - r).min(TILE);
-            let x = &xq[r * nb..(r + t) * nb];
-            self.dot_tile(j, nb, x, &mut out[r..r + t], kernel);
+            self.dot_tile(j, nb, xq, r, &mut out[r..r + t], kernel);
             r += t;
         }
     }
@@ -459,6 +536,37 @@ fn round_half_away(v: f32) -> i32 {
         -r
     } else {
         r
+    }
+}
+
+/// A weight row for the 512-bit kernels.
+enum ZmmW<'a> {
+    Q4(&'a [Q4Block]),
+    Q8(&'a [Q8Block]),
+}
+
+/// One weight row against `out.len()` (1..=TILE) rows of activation pairs.
+fn zmm_tile(w: ZmmW, x: &[XPair], nb: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: only reached with `Kernel::Avx512Zmm`, which `Kernel::available` checked
+    // (avx512f, avx512bw, avx512dq, avx512vnni, avx2, fma, f16c) at run time; the slices hold `nb` weight
+    // blocks and `out.len()` rows of `nb.div_ceil(2)` pairs.
+    unsafe {
+        match (w, out.len()) {
+            (ZmmW::Q4(w), 4) => x86::q4_zmm::<4>(w, x, nb, out),
+            (ZmmW::Q4(w), 3) => x86::q4_zmm::<3>(w, x, nb, out),
+            (ZmmW::Q4(w), 2) => x86::q4_zmm::<2>(w, x, nb, out),
+            (ZmmW::Q4(w), _) => x86::q4_zmm::<1>(w, x, nb, out),
+            (ZmmW::Q8(w), 4) => x86::q8_zmm::<4>(w, x, nb, out),
+            (ZmmW::Q8(w), 3) => x86::q8_zmm::<3>(w, x, nb, out),
+            (ZmmW::Q8(w), 2) => x86::q8_zmm::<2>(w, x, nb, out),
+            (ZmmW::Q8(w), _) => x86::q8_zmm::<1>(w, x, nb, out),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (w, x, nb, out);
+        unreachable!("Avx512Zmm is never available off x86_64");
     }
 }
 
@@ -569,8 +677,90 @@ mod x86 {
     //! The SIMD micro-kernels. Each is written once as a macro and instantiated per feature set,
     //! because `#[target_feature]` must sit on the function whose body the intrinsics inline into.
 
-    use super::{Q4Block, Q8Block, XBlock};
+    use super::{Q4Block, Q8Block, XBlock, XPair};
     use std::arch::x86_64::*;
+
+    /// One Q4 weight row against `R` rows of activation pairs, two blocks per 512-bit step: the
+    /// nibbles of both blocks unpacked into one register, one `vpdpbusd` per row, and the
+    /// per-lane scales (`dw * dx`, block by block) from the packed activations. Every `R` runs
+    /// each row through the same instructions, so the kernel is batch-invariant.
+    ///
+    /// # Safety
+    /// avx512f/bw/dq/vnni + avx2/fma/f16c; `w.len() >= nb`, `x.len() >= R * nb.div_ceil(2)`,
+    /// `out.len() >= R`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni")]
+    pub(super) unsafe fn q4_zmm<const R: usize>(w: &[Q4Block], x: &[XPair], nb: usize, out: &mut [f32]) {
+        let np = nb.div_ceil(2);
+        let mask = _mm256_set1_epi8(0x0F);
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut macc = [_mm_setzero_ps(); R];
+        let unpack = |blk: &Q4Block| -> (__m256i, f32, f32) {
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(blk.dm.as_ptr() as *const i32)));
+            let q = _mm_loadu_si128(blk.qs.as_ptr() as *const __m128i);
+            let v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), mask);
+            (v, _mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)))
+        };
+        for p in 0..np {
+            let b = 2 * p;
+            let (v0, d0, m0) = unpack(w.get_unchecked(b));
+            let (v1, d1, m1) = if b + 1 < nb {
+                unpack(w.get_unchecked(b + 1))
+            } else {
+                (_mm256_setzero_si256(), 0.0, 0.0)
+            };
+            let wv = _mm512_inserti64x4(_mm512_castsi256_si512(v0), v1, 1);
+            let wd = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(d0)), _mm256_set1_ps(d1), 1);
+            let wm = _mm_set_ps(0.0, 0.0, m1, m0);
+            for r in 0..R {
+                let xp = x.get_unchecked(r * np + p);
+                let xv = _mm512_loadu_si512(xp.qs.as_ptr() as *const __m512i);
+                let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv);
+                let scale = _mm512_mul_ps(wd, _mm512_loadu_ps(xp.d.as_ptr()));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc[r]);
+                let xs = _mm_castpd_ps(_mm_load_sd(xp.s.as_ptr() as *const f64));
+                macc[r] = _mm_fmadd_ps(wm, xs, macc[r]);
+            }
+        }
+        for r in 0..R {
+            let m = macc[r];
+            *out.get_unchecked_mut(r) = _mm512_reduce_add_ps(acc[r]) + (_mm_cvtss_f32(m) + _mm_cvtss_f32(_mm_movehdup_ps(m)));
+        }
+    }
+
+    /// The Q8_0 twin of [`q4_zmm`]: `vpdpbusd` needs an unsigned side, so the weights' absolute
+    /// values multiply the activations with the weights' signs.
+    ///
+    /// # Safety
+    /// As for [`q4_zmm`].
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni")]
+    pub(super) unsafe fn q8_zmm<const R: usize>(w: &[Q8Block], x: &[XPair], nb: usize, out: &mut [f32]) {
+        let np = nb.div_ceil(2);
+        let mut acc = [_mm512_setzero_ps(); R];
+        let half = |blk: &Q8Block| -> (__m256i, f32) {
+            let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(blk.d as i32)));
+            (_mm256_loadu_si256(blk.qs.as_ptr() as *const __m256i), d)
+        };
+        for p in 0..np {
+            let b = 2 * p;
+            let (v0, d0) = half(w.get_unchecked(b));
+            let (v1, d1) = if b + 1 < nb { half(w.get_unchecked(b + 1)) } else { (_mm256_setzero_si256(), 0.0) };
+            let wv = _mm512_inserti64x4(_mm512_castsi256_si512(v0), v1, 1);
+            let neg = _mm512_movepi8_mask(wv);
+            let wabs = _mm512_abs_epi8(wv);
+            let wd = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(d0)), _mm256_set1_ps(d1), 1);
+            for r in 0..R {
+                let xp = x.get_unchecked(r * np + p);
+                let xv = _mm512_loadu_si512(xp.qs.as_ptr() as *const __m512i);
+                let xs = _mm512_mask_sub_epi8(xv, neg, _mm512_setzero_si512(), xv);
+                let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wabs, xs);
+                let scale = _mm512_mul_ps(wd, _mm512_loadu_ps(xp.d.as_ptr()));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc[r]);
+            }
+        }
+        for r in 0..R {
+            *out.get_unchecked_mut(r) = _mm512_reduce_add_ps(acc[r]);
+        }
+    }
 
     /// Sum of the 8 lanes.
     #[inline(always)]
