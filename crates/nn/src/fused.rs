@@ -49,7 +49,7 @@ mod encoder_attention;
 mod linear;
 mod norm;
 mod rope;
-mod simd;
+pub(crate) mod simd;
 
 use crate::{NnError, OpContext, Result};
 use candle_core::{

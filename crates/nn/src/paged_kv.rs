@@ -228,76 +228,85 @@ pub(crate) fn attend_blocks(
     scale: f32,
 ) -> Vec<f32> {
     let d = g.head_dim;
-    let index = |block: u32, head: usize, offset: usize| {
-        ((block as usize * g.kv_heads + head) * g.block_size + offset) * d
-    };
-    let n_rep = q_heads / g.kv_heads;
-        let mut out = vec![0f32; q.len()];
-        let head = |h: usize, out: &mut [f32]| {
-            let kvh = h / n_rep;
-            let mut scores = Vec::new();
-            for s in seqs {
-                for i in 0..s.len {
-                    let qpos = s.start + i;
-                    let lo = window.map_or(0, |w| (qpos + 1).saturating_sub(w));
-                    let row = s.offset + i;
-                    let qv = &q[(h * rows + row) * d..][..d];
-                    scores.clear();
-                    let mut max = f32::NEG_INFINITY;
-                    for j in lo..=qpos {
-                        let at = index(s.blocks[j / g.block_size], kvh, j % g.block_size);
-                        let x = dot(qv, &kl[at..at + d]) * scale;
-                        max = max.max(x);
-                        scores.push(x);
-                    }
-                    let mut sum = 0f32;
-                    for x in scores.iter_mut() {
-                        *x = (*x - max).exp();
-                        sum += *x;
-                    }
-                    let o = &mut out[row * d..][..d];
-                    for (j, &p) in (lo..=qpos).zip(scores.iter()) {
-                        let at = index(s.blocks[j / g.block_size], kvh, j % g.block_size);
-                        let w = p / sum;
-                        for (o, &x) in o.iter_mut().zip(&vl[at..at + d]) {
-                            *o += w * x;
-                        }
-                    }
-                }
-            }
-        };
-        let work: usize = seqs.iter().map(|s| s.len * (s.start + s.len)).sum::<usize>() * q_heads * d;
-        if work < 1 << 16 || rayon::current_num_threads() == 1 {
-            for (h, o) in out.chunks_mut(rows * d).enumerate() {
-                head(h, o);
-            }
-        } else {
-            use rayon::prelude::*;
-            out.par_chunks_mut(rows * d)
-                .enumerate()
-                .for_each(|(h, o)| head(h, o));
+    let mut out = vec![0f32; q.len()];
+    let work: usize = seqs.iter().map(|s| s.len * (s.start + s.len)).sum::<usize>() * q_heads * d;
+    let run = |h: usize, o: &mut [f32]| head_task(kl, vl, g, q, q_heads, rows, seqs, window, scale, h, o);
+    if work < 1 << 16 || rayon::current_num_threads() == 1 {
+        for (h, o) in out.chunks_mut(rows * d).enumerate() {
+            run(h, o);
         }
+    } else {
+        use rayon::prelude::*;
+        out.par_chunks_mut(rows * d)
+            .enumerate()
+            .for_each(|(h, o)| run(h, o));
+    }
     out
 }
 
-/// Written as eight independent lanes so the compiler vectorizes it (a plain fold is one serial
-/// chain of dependent adds).
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
+crate::fused::simd::multiversion!(
+    /// Query head `h` of every sequence, into `out` (`[row][d]` of that head), compiled for the
+    /// best instruction set the CPU has (8-wide FMA and a vectorised `exp` on AVX2).
+    fn head_task = head_generic(
+        kl: &[f32],
+        vl: &[f32],
+        g: Geometry,
+        q: &[f32],
+        q_heads: usize,
+        rows: usize,
+        seqs: &[PagedSeq],
+        window: Option<usize>,
+        scale: f32,
+        h: usize,
+        out: &mut [f32],
+    );
+);
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn head_generic<I: crate::fused::simd::Isa>(
+    kl: &[f32],
+    vl: &[f32],
+    g: Geometry,
+    q: &[f32],
+    q_heads: usize,
+    rows: usize,
+    seqs: &[PagedSeq],
+    window: Option<usize>,
+    scale: f32,
+    h: usize,
+    out: &mut [f32],
+) {
+    use crate::fused::simd;
+    let d = g.head_dim;
+    let kvh = h / (q_heads / g.kv_heads);
+    let index = |block: u32, offset: usize| {
+        ((block as usize * g.kv_heads + kvh) * g.block_size + offset) * d
+    };
+    let mut scores = Vec::new();
+    for s in seqs {
+        for i in 0..s.len {
+            let qpos = s.start + i;
+            let lo = window.map_or(0, |w| (qpos + 1).saturating_sub(w));
+            let row = s.offset + i;
+            let qv = &q[(h * rows + row) * d..][..d];
+            scores.clear();
+            let mut max = f32::NEG_INFINITY;
+            for j in lo..=qpos {
+                let at = index(s.blocks[j / g.block_size], j % g.block_size);
+                let x = simd::dot::<I>(qv, &kl[at..at + d]) * scale;
+                max = max.max(x);
+                scores.push(x);
+            }
+            let sum = simd::exp_sub_sum::<I>(&mut scores, max);
+            let o = &mut out[row * d..][..d];
+            let inv = 1.0 / sum;
+            for (j, &p) in (lo..=qpos).zip(scores.iter()) {
+                let at = index(s.blocks[j / g.block_size], j % g.block_size);
+                simd::axpy::<I>(o, p * inv, &vl[at..at + d]);
+            }
         }
     }
-    acc.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]

@@ -58,6 +58,17 @@ const PAR_MIN_WORK: usize = 1 << 19;
 /// Activation rows computed together by one micro-kernel call.
 const TILE: usize = 4;
 
+/// Activation rows per micro-kernel call for the 512-bit kernels: 32 zmm registers hold eight
+/// rows' accumulators, and each unpacked weight pair then serves twice as many rows.
+const ZMM_TILE: usize = 8;
+
+fn tile_rows(kernel: Kernel) -> usize {
+    match kernel {
+        Kernel::Avx512Zmm => ZMM_TILE,
+        _ => TILE,
+    }
+}
+
 /// One Q4_1 block exactly as GGUF stores it: scale and minimum (f16 bits), then 16 bytes holding
 /// 32 nibbles (element `j` in the low nibble of byte `j`, element `j + 16` in the high nibble).
 #[derive(Debug, Clone, Copy)]
@@ -390,14 +401,15 @@ impl QWeight {
             _ => XRows::Blocks(xq),
         };
         use rayon::prelude::*;
-        if m.div_ceil(TILE) >= 2 * threads || (!parallel && m > 1) {
+        let tile = tile_rows(kernel);
+        if m.div_ceil(tile) >= 2 * threads || (!parallel && m > 1) {
             // Many activation rows (prefill, batches): each task takes a tile of rows against all
             // of W, which writes (m, n) directly. A weight matrix (at most ~1 MB here) streams from
             // L2 while the tile's activations stay in L1.
             let mut out = vec![0f32; m * n];
             let run = |r0: usize, rows: &mut [f32]| {
                 let t = rows.len() / n;
-                let mut o = [0f32; TILE];
+                let mut o = [0f32; ZMM_TILE];
                 for j in 0..n {
                     self.dot_tile(j, nb, &xq, r0, &mut o[..t], kernel);
                     for (i, v) in o[..t].iter().enumerate() {
@@ -406,12 +418,12 @@ impl QWeight {
                 }
             };
             if parallel {
-                out.par_chunks_mut(TILE * n)
+                out.par_chunks_mut(tile * n)
                     .enumerate()
-                    .for_each(|(c, rows)| run(c * TILE, rows));
+                    .for_each(|(c, rows)| run(c * tile, rows));
             } else {
-                for (c, rows) in out.chunks_mut(TILE * n).enumerate() {
-                    run(c * TILE, rows);
+                for (c, rows) in out.chunks_mut(tile * n).enumerate() {
+                    run(c * tile, rows);
                 }
             }
             return Ok(out);
@@ -448,7 +460,8 @@ impl QWeight {
         Ok(out)
     }
 
-    /// Weight row `j` against the `out.len()` (1..=TILE) activation rows from row `r0` of `xq`.
+    /// Weight row `j` against the `out.len()` (1..=`tile_rows`) activation rows from row `r0` of
+    /// `xq`.
     fn dot_tile(&self, j: usize, nb: usize, xq: &XRows, r0: usize, out: &mut [f32], kernel: Kernel) {
         let t = out.len();
         match xq {
@@ -482,7 +495,7 @@ impl QWeight {
     ) {
         let mut r = 0;
         while r < m {
-            let t = (m - r).min(TILE);
+            let t = (m - r).min(tile_rows(kernel));
             self.dot_tile(j, nb, xq, r, &mut out[r..r + t], kernel);
             r += t;
         }
@@ -545,7 +558,7 @@ enum ZmmW<'a> {
     Q8(&'a [Q8Block]),
 }
 
-/// One weight row against `out.len()` (1..=TILE) rows of activation pairs.
+/// One weight row against `out.len()` (1..=ZMM_TILE) rows of activation pairs.
 fn zmm_tile(w: ZmmW, x: &[XPair], nb: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: only reached with `Kernel::Avx512Zmm`, which `Kernel::available` checked
@@ -553,10 +566,18 @@ fn zmm_tile(w: ZmmW, x: &[XPair], nb: usize, out: &mut [f32]) {
     // blocks and `out.len()` rows of `nb.div_ceil(2)` pairs.
     unsafe {
         match (w, out.len()) {
+            (ZmmW::Q4(w), 8) => x86::q4_zmm::<8>(w, x, nb, out),
+            (ZmmW::Q4(w), 7) => x86::q4_zmm::<7>(w, x, nb, out),
+            (ZmmW::Q4(w), 6) => x86::q4_zmm::<6>(w, x, nb, out),
+            (ZmmW::Q4(w), 5) => x86::q4_zmm::<5>(w, x, nb, out),
             (ZmmW::Q4(w), 4) => x86::q4_zmm::<4>(w, x, nb, out),
             (ZmmW::Q4(w), 3) => x86::q4_zmm::<3>(w, x, nb, out),
             (ZmmW::Q4(w), 2) => x86::q4_zmm::<2>(w, x, nb, out),
             (ZmmW::Q4(w), _) => x86::q4_zmm::<1>(w, x, nb, out),
+            (ZmmW::Q8(w), 8) => x86::q8_zmm::<8>(w, x, nb, out),
+            (ZmmW::Q8(w), 7) => x86::q8_zmm::<7>(w, x, nb, out),
+            (ZmmW::Q8(w), 6) => x86::q8_zmm::<6>(w, x, nb, out),
+            (ZmmW::Q8(w), 5) => x86::q8_zmm::<5>(w, x, nb, out),
             (ZmmW::Q8(w), 4) => x86::q8_zmm::<4>(w, x, nb, out),
             (ZmmW::Q8(w), 3) => x86::q8_zmm::<3>(w, x, nb, out),
             (ZmmW::Q8(w), 2) => x86::q8_zmm::<2>(w, x, nb, out),

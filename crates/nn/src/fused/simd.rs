@@ -11,13 +11,13 @@
 //! order at the end: vectorised, and still deterministic.
 
 /// How `a * b + c` is computed inside a kernel compiled for one instruction set.
-pub(super) trait Isa: Copy + Send + Sync + 'static {
+pub(crate) trait Isa: Copy + Send + Sync + 'static {
     fn madd(a: f32, b: f32, c: f32) -> f32;
 }
 
 /// The baseline target: separate multiply and add (a `mul_add` would call libm's software fma).
 #[derive(Clone, Copy)]
-pub(super) struct Plain;
+pub(crate) struct Plain;
 
 impl Isa for Plain {
     #[inline(always)]
@@ -32,7 +32,7 @@ impl Isa for Plain {
     not(any(target_arch = "x86_64", target_arch = "aarch64")),
     allow(dead_code)
 )]
-pub(super) struct Fused;
+pub(crate) struct Fused;
 
 impl Isa for Fused {
     #[inline(always)]
@@ -44,7 +44,7 @@ impl Isa for Fused {
 /// Whether the running CPU has AVX2 and FMA (std caches the answer).
 #[cfg(target_arch = "x86_64")]
 #[inline]
-pub(super) fn has_avx2_fma() -> bool {
+pub(crate) fn has_avx2_fma() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
 }
 
@@ -81,11 +81,11 @@ macro_rules! multiversion {
         }
     };
 }
-pub(super) use multiversion;
+pub(crate) use multiversion;
 
 /// Independent partial sums per reduction: two AVX2 registers, so consecutive FMAs do not wait on
 /// each other.
-pub(super) const LANES: usize = 16;
+pub(crate) const LANES: usize = 16;
 
 /// Sums the lanes in a fixed tree order.
 #[inline(always)]
@@ -100,7 +100,7 @@ fn hsum(acc: [f32; LANES]) -> f32 {
 
 /// `sum(a * b)`.
 #[inline(always)]
-pub(super) fn dot<I: Isa>(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot<I: Isa>(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (ac, ar) = a[..n].as_chunks::<LANES>();
     let (bc, br) = b[..n].as_chunks::<LANES>();
@@ -119,7 +119,7 @@ pub(super) fn dot<I: Isa>(a: &[f32], b: &[f32]) -> f32 {
 
 /// `sum(a * b * c)`.
 #[inline(always)]
-pub(super) fn dot3<I: Isa>(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
+pub(crate) fn dot3<I: Isa>(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
     let n = a.len().min(b.len()).min(c.len());
     let (ac, ar) = a[..n].as_chunks::<LANES>();
     let (bc, br) = b[..n].as_chunks::<LANES>();
@@ -139,7 +139,7 @@ pub(super) fn dot3<I: Isa>(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
 
 /// `sum(a)`.
 #[inline(always)]
-pub(super) fn sum(a: &[f32]) -> f32 {
+pub(crate) fn sum(a: &[f32]) -> f32 {
     let (ac, ar) = a.as_chunks::<LANES>();
     let mut acc = [0f32; LANES];
     for x in ac {
@@ -153,7 +153,7 @@ pub(super) fn sum(a: &[f32]) -> f32 {
 /// `max(a)`; NaNs are skipped (a NaN row still ends up NaN through the sum of exponentials), and
 /// an empty slice gives `-inf`.
 #[inline(always)]
-pub(super) fn max(a: &[f32]) -> f32 {
+pub(crate) fn max(a: &[f32]) -> f32 {
     let (ac, ar) = a.as_chunks::<LANES>();
     let mut acc = [f32::NEG_INFINITY; LANES];
     for x in ac {
@@ -176,7 +176,7 @@ pub(super) fn max(a: &[f32]) -> f32 {
 /// exponent bits. Written with plain arithmetic and selects so that loops over it vectorise,
 /// unlike libm's `expf`. Arguments below -87 (and `-inf`) give 0; NaN gives NaN.
 #[inline(always)]
-pub(super) fn exp<I: Isa>(x: f32) -> f32 {
+pub(crate) fn exp<I: Isa>(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // ln 2 split so that `n * LN2_HI` is exact for |n| < 2^9 (LN2_HI is 0.693359375 = 355/512).
     const LN2_HI: f32 = 0.693_359_4;
@@ -209,7 +209,7 @@ pub(super) fn exp<I: Isa>(x: f32) -> f32 {
 
 /// `a[k] = e^(a[k] - m)` and returns the sum of the new values.
 #[inline(always)]
-pub(super) fn exp_sub_sum<I: Isa>(a: &mut [f32], m: f32) -> f32 {
+pub(crate) fn exp_sub_sum<I: Isa>(a: &mut [f32], m: f32) -> f32 {
     let (ac, ar) = a.as_chunks_mut::<LANES>();
     let mut acc = [0f32; LANES];
     for x in ac {
@@ -228,7 +228,7 @@ pub(super) fn exp_sub_sum<I: Isa>(a: &mut [f32], m: f32) -> f32 {
 
 /// `sum(e^(a - m))` without writing anything.
 #[inline(always)]
-pub(super) fn sum_exp_sub<I: Isa>(a: &[f32], m: f32) -> f32 {
+pub(crate) fn sum_exp_sub<I: Isa>(a: &[f32], m: f32) -> f32 {
     let (ac, ar) = a.as_chunks::<LANES>();
     let mut acc = [0f32; LANES];
     for x in ac {
@@ -245,7 +245,7 @@ pub(super) fn sum_exp_sub<I: Isa>(a: &[f32], m: f32) -> f32 {
 
 /// `dst += a * x`.
 #[inline(always)]
-pub(super) fn axpy<I: Isa>(dst: &mut [f32], a: f32, x: &[f32]) {
+pub(crate) fn axpy<I: Isa>(dst: &mut [f32], a: f32, x: &[f32]) {
     for (d, &x) in dst.iter_mut().zip(x) {
         *d = I::madd(a, x, *d);
     }
@@ -253,7 +253,7 @@ pub(super) fn axpy<I: Isa>(dst: &mut [f32], a: f32, x: &[f32]) {
 
 /// `dst *= a`.
 #[inline(always)]
-pub(super) fn scale(dst: &mut [f32], a: f32) {
+pub(crate) fn scale(dst: &mut [f32], a: f32) {
     for d in dst {
         *d *= a;
     }
@@ -262,7 +262,7 @@ pub(super) fn scale(dst: &mut [f32], a: f32) {
 /// Which part of a diagonal (query block == key block) product is needed, so [`gemm`] skips the
 /// register tiles that only the causal mask would zero.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) enum Causal {
+pub(crate) enum Causal {
     /// Everything (a block strictly below the diagonal).
     Full,
     /// `C[r][c]` (r: query, c: key) is needed only for `c <= r`: tiles wholly above the diagonal
@@ -439,14 +439,14 @@ fn gemm_tn_generic<I: Isa>(
 
 multiversion!(
     /// `C += A B` (see [`gemm`]).
-    pub(super) fn gemm_nn = gemm_nn_generic(
+    pub(crate) fn gemm_nn = gemm_nn_generic(
         m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32], ldb: usize,
         c: &mut [f32], ldc: usize, causal: Causal,
     );
 );
 multiversion!(
     /// `C += A^T B` (see [`gemm`]).
-    pub(super) fn gemm_tn = gemm_tn_generic(
+    pub(crate) fn gemm_tn = gemm_tn_generic(
         m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32], ldb: usize,
         c: &mut [f32], ldc: usize, causal: Causal,
     );
