@@ -460,3 +460,18 @@ fn soak_mixed_good_and_bad_requests() {
     let h: Value = serde_json::from_str(&get(url, "/health")).unwrap();
     assert_eq!(h["status"], "ok");
 }
+
+#[test]
+fn a_request_past_the_timeout_gets_504_and_the_server_goes_on() {
+    let s = start(&["--request-timeout", "1"]);
+    let t0 = Instant::now();
+    let (code, v) = post(&s.url, "/v1/completions", &json!({"model": "smollm2", "prompt": "Count:", "max_tokens": 2000, "ignore_eos": true}));
+    assert_error(code, &v, 504, "timeout");
+    assert!(t0.elapsed() < Duration::from_secs(30));
+    // Streaming: an error event, then [DONE].
+    let events = stream(&s.url, "/v1/completions", &json!({"model": "smollm2", "prompt": "Count:", "max_tokens": 2000, "ignore_eos": true, "stream": true}));
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let err: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(err["error"]["code"], "timeout", "{err}");
+    assert_eq!(completion(&s.url, "Hello", 3)["usage"]["completion_tokens"], 3);
+}

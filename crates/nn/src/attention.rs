@@ -204,7 +204,7 @@ pub fn cached_attention(
             && st.len() == 4
             && st[3] == 1
             && st[2] == d
-            && st[1] % d == 0
+            && st[1].is_multiple_of(d)
             && st[1] / d >= s
     };
     if b != 1 || !fits(k) || !fits(v) || k.layout().stride() != v.layout().stride() {

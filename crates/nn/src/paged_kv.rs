@@ -163,6 +163,7 @@ impl PagedKvCache {
     /// ones just written). `q` is head-major, `[q_head][row][d]`; query head `h` reads kv head
     /// `h / (q_heads / kv_heads)`. A query at position `p` sees keys `0..=p`, or with a sliding
     /// `window` keys `p + 1 - window ..= p`. Returns `[q_head][row][d]`.
+    #[allow(clippy::too_many_arguments)]
     pub fn attend(
         &self,
         layer: usize,

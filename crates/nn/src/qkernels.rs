@@ -710,6 +710,7 @@ mod x86 {
     /// avx512f/bw/dq/vnni + avx2/fma/f16c; `w.len() >= nb`, `x.len() >= R * nb.div_ceil(2)`,
     /// `out.len() >= R`.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni")]
+    #[allow(clippy::needless_range_loop)] // `r` indexes `acc`, `macc` and the rows of `x`
     pub(super) unsafe fn q4_zmm<const R: usize>(w: &[Q4Block], x: &[XPair], nb: usize, out: &mut [f32]) {
         let np = nb.div_ceil(2);
         let mask = _mm256_set1_epi8(0x0F);
@@ -754,6 +755,7 @@ mod x86 {
     /// # Safety
     /// As for [`q4_zmm`].
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni")]
+    #[allow(clippy::needless_range_loop)] // `r` indexes `acc` and the packed rows of `x`
     pub(super) unsafe fn q8_zmm<const R: usize>(w: &[Q8Block], x: &[XPair], nb: usize, out: &mut [f32]) {
         let np = nb.div_ceil(2);
         let mut acc = [_mm512_setzero_ps(); R];
