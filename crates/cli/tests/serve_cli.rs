@@ -392,7 +392,7 @@ fn a_full_queue_answers_429_and_everyone_else_completes() {
         let hs: Vec<_> = (0..5)
             .map(|i| {
                 sc.spawn(move || {
-                    post(url, "/v1/completions", &json!({"model": "smollm2", "prompt": format!("Count to {i}:"), "max_tokens": 20, "temperature": 0}))
+                    post(url, "/v1/completions", &json!({"model": "smollm2", "prompt": format!("Count to {i}:"), "max_tokens": 20, "temperature": 0, "ignore_eos": true}))
                 })
             })
             .collect();
@@ -444,7 +444,7 @@ fn soak_mixed_good_and_bad_requests() {
                             assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
                             good += 1;
                         } else {
-                            let (code, v) = post(url, "/v1/completions", &json!({"model": "smollm2", "prompt": format!("Number {k}:"), "max_tokens": 6}));
+                            let (code, v) = post(url, "/v1/completions", &json!({"model": "smollm2", "prompt": format!("Number {k}:"), "max_tokens": 6, "ignore_eos": true}));
                             assert_eq!(code, 200, "{v}");
                             assert_eq!(v["usage"]["completion_tokens"], 6);
                             good += 1;

@@ -19,6 +19,7 @@ pub mod metrics;
 
 use api::Common;
 use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Request as HttpRequest, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
@@ -156,7 +157,6 @@ const INDEX_HTML: &str = include_str!("web/index.html");
 
 /// All routes, for [`serve`] and for tests that drive the app in-process.
 pub fn router(state: Arc<AppState>) -> Router {
-    let limit = state.limits.max_body_bytes;
     Router::new()
         .route("/", get(|| async { Html(INDEX_HTML) }))
         .route("/health", get(health))
@@ -169,7 +169,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "no such endpoint; see GET /v1/models")
         })
         .layer(axum::middleware::from_fn_with_state(state.clone(), count_requests))
-        .layer(DefaultBodyLimit::max(limit))
+        // Bodies are read by `body` below, which enforces the limit itself.
+        .layer(DefaultBodyLimit::disable())
         .with_state(state)
 }
 
@@ -227,20 +228,35 @@ async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({"object": "list", "data": data}))
 }
 
-/// The body, or a 413 in OpenAI's shape when it is over the limit.
-fn body(b: Result<Bytes, axum::extract::rejection::BytesRejection>, limits: &Limits) -> Result<Bytes, ApiError> {
-    b.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request_error",
-                format!("the request body is larger than this server's limit of {} bytes", limits.max_body_bytes),
-            )
-            .with_code("request_too_large")
-        } else {
-            ApiError::bad_request(format!("cannot read the request body: {e}"))
+/// The body, or a 413 in OpenAI's shape when it is over the limit. An oversized body is still
+/// read (and dropped) up to 16 times the limit before the answer goes out: a client that writes
+/// its whole body before reading the response then gets the 413 instead of a broken pipe.
+/// Beyond that the connection is closed.
+async fn body(b: Body, limits: &Limits) -> Result<Bytes, ApiError> {
+    use futures_util::StreamExt;
+    let limit = limits.max_body_bytes;
+    let drain = limit.saturating_mul(16).max(1 << 20);
+    let mut stream = b.into_data_stream();
+    let mut buf = Vec::new();
+    let mut total = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("cannot read the request body: {e}")))?;
+        total += chunk.len();
+        if total <= limit {
+            buf.extend_from_slice(&chunk);
+        } else if total > drain {
+            break;
         }
-    })
+    }
+    if total > limit {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!("the request body is larger than this server's limit of {limit} bytes"),
+        )
+        .with_code("request_too_large"));
+    }
+    Ok(Bytes::from(buf))
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -249,9 +265,9 @@ enum Kind {
     Text,
 }
 
-async fn chat_completions(State(state): State<Arc<AppState>>, b: Result<Bytes, axum::extract::rejection::BytesRejection>) -> Response {
+async fn chat_completions(State(state): State<Arc<AppState>>, b: Body) -> Response {
     let run = async {
-        let m = api::object(&body(b, &state.limits)?)?;
+        let m = api::object(&body(b, &state.limits).await?)?;
         let served = state.generator(&api::model(&m)?)?;
         let req = api::chat(m, &state.limits)?;
         let Some((template, turn_stops)) = &served.chat else {
@@ -266,9 +282,9 @@ async fn chat_completions(State(state): State<Arc<AppState>>, b: Result<Bytes, a
     run.await.unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn completions(State(state): State<Arc<AppState>>, b: Result<Bytes, axum::extract::rejection::BytesRejection>) -> Response {
+async fn completions(State(state): State<Arc<AppState>>, b: Body) -> Response {
     let run = async {
-        let m = api::object(&body(b, &state.limits)?)?;
+        let m = api::object(&body(b, &state.limits).await?)?;
         let served = state.generator(&api::model(&m)?)?;
         let mut req = api::completion(m, &state.limits)?;
         let prompts = req.prompts.iter().map(|p| encode(&served.tokenizer, p)).collect::<Result<Vec<_>, _>>()?;
@@ -575,9 +591,9 @@ fn stream_response(meta: Meta, rx: mpsc::Receiver<ChoiceEvent>, include_usage: b
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 
-async fn embeddings(State(state): State<Arc<AppState>>, b: Result<Bytes, axum::extract::rejection::BytesRejection>) -> Response {
+async fn embeddings(State(state): State<Arc<AppState>>, b: Body) -> Response {
     let run = async {
-        let m = api::object(&body(b, &state.limits)?)?;
+        let m = api::object(&body(b, &state.limits).await?)?;
         api::model(&m)?;
         let req = api::embeddings(m, &state.limits)?;
         let served = match &state.embedder {
