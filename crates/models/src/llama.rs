@@ -526,15 +526,15 @@ impl Block {
         let (b, t, _) = x.dims3().map_err(nn("block dims"))?;
         let h = self.attn_norm.forward(x)?;
         // (B, T, n * D) -> (B, T, n, D): a view, no copy.
-        let split = |lin: &Linear, n: usize| -> Result<Tensor> {
-            lin.forward(&h)?
-                .reshape((b, t, n, cfg.head_dim))
+        let qkv = Linear::forward_many(&[&self.q, &self.k, &self.v], &h)?;
+        let split = |y: &Tensor, n: usize| -> Result<Tensor> {
+            y.reshape((b, t, n, cfg.head_dim))
                 .map_err(nn("split heads"))
         };
         let (q, k, v) = (
-            split(&self.q, cfg.num_heads)?,
-            split(&self.k, cfg.num_kv_heads)?,
-            split(&self.v, cfg.num_kv_heads)?,
+            split(&qkv[0], cfg.num_heads)?,
+            split(&qkv[1], cfg.num_kv_heads)?,
+            split(&qkv[2], cfg.num_kv_heads)?,
         );
         let att = match attend {
             Attend::Cache { cache, layer, pad } => {

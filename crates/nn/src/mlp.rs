@@ -13,7 +13,8 @@ pub struct SwiGlu {
 
 impl SwiGlu {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = crate::fused::swiglu(&self.gate.forward(x)?, &self.up.forward(x)?)?;
+        let gu = Linear::forward_many(&[&self.gate, &self.up], x)?;
+        let h = crate::fused::swiglu(&gu[0], &gu[1])?;
         self.down.forward(&h)
     }
 }

@@ -460,6 +460,48 @@ impl QWeight {
         Ok(out)
     }
 
+    /// One activation row `x` against several matrices with its row length (q/k/v, gate/up):
+    /// `x` is quantized once and all their rows are split over the pool in one parallel region,
+    /// where separate calls would leave the small ones on one thread (under `PAR_MIN_WORK`) and
+    /// wake the pool once per matrix. Each output equals [`QWeight::matmul`]'s bit for bit (the
+    /// same dot product per element). Returns `None` unless every matrix has `x.len()` columns.
+    pub fn matmul_row_many(ws: &[&QWeight], x: &[f32]) -> Option<Vec<Vec<f32>>> {
+        let k = x.len();
+        if k == 0 || ws.is_empty() || ws.iter().any(|w| w.cols != k) {
+            return None;
+        }
+        let kernel = Kernel::detect();
+        let nb = k / BLOCK;
+        let xq = quantize_rows(x, k);
+        let xq = match kernel {
+            Kernel::Avx512Zmm => XRows::Pairs(pack_pairs(&xq, nb)),
+            _ => XRows::Blocks(xq),
+        };
+        // (matrix, first row, rows) chunks over all matrices.
+        let threads = rayon::current_num_threads();
+        let total: usize = ws.iter().map(|w| w.rows).sum();
+        let per_task = total.div_ceil(threads * 4).max(8);
+        let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; w.rows]).collect();
+        let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::new();
+        for (i, o) in outs.iter_mut().enumerate() {
+            for (c, chunk) in o.chunks_mut(per_task).enumerate() {
+                tasks.push((i, c * per_task, chunk));
+            }
+        }
+        let run = |(i, first, out): (usize, usize, &mut [f32])| {
+            for (jj, o) in out.iter_mut().enumerate() {
+                ws[i].row_dot(first + jj, nb, &xq, 1, std::slice::from_mut(o), kernel);
+            }
+        };
+        if threads > 1 && total * k >= PAR_MIN_WORK {
+            use rayon::prelude::*;
+            tasks.into_par_iter().for_each(run);
+        } else {
+            tasks.into_iter().for_each(run);
+        }
+        Some(outs)
+    }
+
     /// Weight row `j` against the `out.len()` (1..=`tile_rows`) activation rows from row `r0` of
     /// `xq`.
     fn dot_tile(&self, j: usize, nb: usize, xq: &XRows, r0: usize, out: &mut [f32], kernel: Kernel) {

@@ -210,3 +210,25 @@ fn each_row_is_the_same_whatever_shares_its_batch() {
         }
     }
 }
+
+/// One token against several matrices at once equals each matmul alone, bit for bit.
+#[test]
+fn one_row_against_many_matrices_equals_each_alone() {
+    let k = 576;
+    let ws = [
+        random_weight(QFormat::Q4_1, 576, k, 3),
+        random_weight(QFormat::Q8_0, 192, k, 4),
+        random_weight(QFormat::Q4_0, 37, k, 5),
+    ];
+    let x = rand_vec(k, 9);
+    let refs: Vec<&QWeight> = ws.iter().collect();
+    let many = QWeight::matmul_row_many(&refs, &x).unwrap();
+    for (w, got) in ws.iter().zip(&many) {
+        assert_eq!(got, &w.matmul(&x).unwrap());
+    }
+    // Under a two-thread pool too (the rows are split over tasks).
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let many2 = pool.install(|| QWeight::matmul_row_many(&refs, &x).unwrap());
+    assert_eq!(many, many2);
+    assert!(QWeight::matmul_row_many(&refs, &x[..32]).is_none());
+}
