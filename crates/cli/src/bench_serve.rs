@@ -110,7 +110,13 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
     );
     for &clients in &args.clients {
         let requests = args.requests.max(2 * clients);
-        let level = rt.block_on(run_level(&addr, &model_id, clients, requests, args.max_tokens));
+        let level = rt.block_on(run_level(
+            &addr,
+            &model_id,
+            clients,
+            requests,
+            args.max_tokens,
+        ));
         println!(
             "{:>8} {:>9} {:>7} {:>14.1} {:>8.0}ms {:>8.0}ms {:>8.1}",
             level.clients,
@@ -123,10 +129,17 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
         );
         levels.push(level);
     }
-    let base = levels.iter().find(|l| l.clients == 1).map(|l| l.tokens_per_s);
+    let base = levels
+        .iter()
+        .find(|l| l.clients == 1)
+        .map(|l| l.tokens_per_s);
     if let Some(b) = base {
         for l in levels.iter().filter(|l| l.clients > 1) {
-            println!("throughput at {} clients = {:.2}x one client", l.clients, l.tokens_per_s / b);
+            println!(
+                "throughput at {} clients = {:.2}x one client",
+                l.clients,
+                l.tokens_per_s / b
+            );
         }
     }
     let failed: usize = levels.iter().map(|l| l.failed).sum();
@@ -150,7 +163,13 @@ fn model_id_of(spec: &str) -> String {
         .unwrap_or_else(|| spec.to_string())
 }
 
-async fn run_level(addr: &str, model: &str, clients: usize, requests: usize, max_tokens: usize) -> Level {
+async fn run_level(
+    addr: &str,
+    model: &str,
+    clients: usize,
+    requests: usize,
+    max_tokens: usize,
+) -> Level {
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let t0 = Instant::now();
     let mut tasks = Vec::new();
@@ -163,7 +182,9 @@ async fn run_level(addr: &str, model: &str, clients: usize, requests: usize, max
                 if i >= requests {
                     break;
                 }
-                out.push(one_request(&addr, &model, QUESTIONS[i % QUESTIONS.len()], max_tokens).await);
+                out.push(
+                    one_request(&addr, &model, QUESTIONS[i % QUESTIONS.len()], max_tokens).await,
+                );
             }
             out
         }));
@@ -211,7 +232,12 @@ async fn run_level(addr: &str, model: &str, clients: usize, requests: usize, max
 
 /// One streaming chat request: (time to the first content chunk, content chunks received).
 /// Each SSE chunk of content is one token for this server.
-async fn one_request(addr: &str, model: &str, question: &str, max_tokens: usize) -> Result<(Duration, usize)> {
+async fn one_request(
+    addr: &str,
+    model: &str,
+    question: &str,
+    max_tokens: usize,
+) -> Result<(Duration, usize)> {
     let body = json!({
         "model": model,
         "messages": [{"role": "user", "content": question}],
@@ -256,7 +282,8 @@ async fn one_request(addr: &str, model: &str, question: &str, max_tokens: usize)
         if r.read_line(&mut size).await? == 0 {
             break;
         }
-        let n = usize::from_str_radix(size.trim(), 16).with_context(|| format!("bad chunk size {size:?}"))?;
+        let n = usize::from_str_radix(size.trim(), 16)
+            .with_context(|| format!("bad chunk size {size:?}"))?;
         if n == 0 {
             break;
         }
@@ -265,7 +292,9 @@ async fn one_request(addr: &str, model: &str, question: &str, max_tokens: usize)
         pending.push_str(&String::from_utf8_lossy(&buf[..n]));
         while let Some(end) = pending.find("\n\n") {
             let event: String = pending.drain(..end + 2).collect();
-            let Some(data) = event.trim().strip_prefix("data: ") else { continue };
+            let Some(data) = event.trim().strip_prefix("data: ") else {
+                continue;
+            };
             if data == "[DONE]" {
                 break 'outer;
             }
@@ -273,7 +302,11 @@ async fn one_request(addr: &str, model: &str, question: &str, max_tokens: usize)
             if let Some(e) = v.get("error") {
                 bail!("server error: {e}");
             }
-            if v["choices"][0]["delta"]["content"].as_str().is_some_and(|c| !c.is_empty()) && first.is_none() {
+            if v["choices"][0]["delta"]["content"]
+                .as_str()
+                .is_some_and(|c| !c.is_empty())
+                && first.is_none()
+            {
                 first = Some(t0.elapsed());
             }
             if let Some(u) = v["usage"]["completion_tokens"].as_u64() {

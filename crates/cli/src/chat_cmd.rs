@@ -11,9 +11,9 @@
 //! stdin not a terminal (lines are turns), which is how the tests drive it.
 
 use crate::generate_cmd::{chat_template, encode_chat, load, Loaded, SamplingArgs};
-use kiln_engine::TextStream;
 use anyhow::{Context, Result};
 use clap::Args;
+use kiln_engine::TextStream;
 use kiln_engine::{EngineError, GenerateOptions, Message, Session, StopReason};
 use std::io::{BufRead, IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};

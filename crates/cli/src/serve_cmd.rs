@@ -102,7 +102,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 prefix_cache: !args.no_prefix_cache,
                 ..SchedulerConfig::default()
             }
-            .with_kv_bytes(llama.as_ref() as &dyn PagedLanguageModel, args.kv_memory_mb << 20);
+            .with_kv_bytes(
+                llama.as_ref() as &dyn PagedLanguageModel,
+                args.kv_memory_mb << 20,
+            );
             tracing::info!(
                 "KV pool: {} blocks of {} positions ({} MiB)",
                 cfg.num_blocks,
@@ -123,7 +126,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         None => None,
         Some(spec) => {
             let dir = path_arg(spec)?;
-            let e = Embedder::load(&dir).with_context(|| format!("loading embedding model `{spec}`"))?;
+            let e = Embedder::load(&dir)
+                .with_context(|| format!("loading embedding model `{spec}`"))?;
             Some(ServedEmbedder {
                 id: model_id(spec),
                 embedder: Arc::new(e),
@@ -132,7 +136,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
     };
     if let (Some(m), Some(e)) = (&model, &embedder) {
         if m.id == e.id {
-            bail!("the model and the embedding model have the same id `{}`", m.id);
+            bail!(
+                "the model and the embedding model have the same id `{}`",
+                m.id
+            );
         }
     }
     let state = AppState::new(model, embedder, limits);

@@ -38,9 +38,7 @@ fn start(extra: &[&str]) -> Server {
             Ok(())
         });
     }
-    let mut child = cmd
-        .spawn()
-        .expect("start kiln serve");
+    let mut child = cmd.spawn().expect("start kiln serve");
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
@@ -85,31 +83,58 @@ fn post_raw(url: &str, path: &str, body: &[u8]) -> (u16, Value) {
         Err(e) => panic!("{path}: {e}"),
     };
     let text = resp.into_string().unwrap();
-    (code, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}")))
+    (
+        code,
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}")),
+    )
 }
 
 fn get(url: &str, path: &str) -> String {
-    ureq::get(&format!("{url}{path}")).call().unwrap().into_string().unwrap()
+    ureq::get(&format!("{url}{path}"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap()
 }
 
 /// `kiln generate`'s greedy continuation.
 fn generate(prompt: &str, max_tokens: usize, chat: bool) -> String {
-    let mut args = vec!["generate", "-m", "smollm2", "-p", prompt, "--temperature", "0", "--json"];
+    let mut args = vec![
+        "generate",
+        "-m",
+        "smollm2",
+        "-p",
+        prompt,
+        "--temperature",
+        "0",
+        "--json",
+    ];
     let n = max_tokens.to_string();
     args.extend(["--max-tokens", &n]);
     if chat {
         args.push("--chat");
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln")).args(&args).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     v["text"].as_str().unwrap().to_string()
 }
 
 fn completion(url: &str, prompt: &str, max_tokens: usize) -> Value {
-    let (code, v) = post(url, "/v1/completions", &json!({
-        "model": "smollm2", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-    }));
+    let (code, v) = post(
+        url,
+        "/v1/completions",
+        &json!({
+            "model": "smollm2", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+        }),
+    );
     assert_eq!(code, 200, "{v}");
     v
 }
@@ -130,7 +155,9 @@ fn stream(url: &str, path: &str, body: &Value) -> Vec<String> {
 
 fn assert_error(code: u16, v: &Value, want: u16, needle: &str) {
     assert_eq!(code, want, "{v}");
-    let msg = v["error"]["message"].as_str().unwrap_or_else(|| panic!("no error.message in {v}"));
+    let msg = v["error"]["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error.message in {v}"));
     assert!(v["error"]["type"].is_string(), "{v}");
     assert!(msg.contains(needle), "expected {needle:?} in {msg:?}");
 }
@@ -159,7 +186,11 @@ fn greedy_output_equals_kiln_generate_even_in_a_shared_batch() {
             .collect();
         for ((h, w), p) in handles.into_iter().zip(&want).zip(PROMPTS) {
             let v = h.join().unwrap();
-            assert_eq!(v["choices"][0]["text"].as_str().unwrap(), w, "{p} in a batch");
+            assert_eq!(
+                v["choices"][0]["text"].as_str().unwrap(),
+                w,
+                "{p} in a batch"
+            );
             assert_eq!(v["choices"][0]["finish_reason"], "length");
             assert_eq!(v["usage"]["completion_tokens"], 24);
         }
@@ -168,11 +199,18 @@ fn greedy_output_equals_kiln_generate_even_in_a_shared_batch() {
     // Chat: the same template and stop tokens as `kiln generate --chat`.
     let q = "What is the capital of France?";
     let want = generate(q, 40, true);
-    let (code, v) = post(url, "/v1/chat/completions", &json!({
-        "model": "smollm2", "messages": [{"role": "user", "content": q}], "max_tokens": 40, "temperature": 0,
-    }));
+    let (code, v) = post(
+        url,
+        "/v1/chat/completions",
+        &json!({
+            "model": "smollm2", "messages": [{"role": "user", "content": q}], "max_tokens": 40, "temperature": 0,
+        }),
+    );
     assert_eq!(code, 200, "{v}");
-    assert_eq!(v["choices"][0]["message"]["content"].as_str().unwrap(), want);
+    assert_eq!(
+        v["choices"][0]["message"]["content"].as_str().unwrap(),
+        want
+    );
     assert_eq!(v["choices"][0]["message"]["role"], "assistant");
     assert_eq!(v["object"], "chat.completion");
 }
@@ -191,33 +229,54 @@ fn streaming_equals_whole_and_ends_with_done() {
     sbody["stream_options"] = json!({"include_usage": true});
     let events = stream(url, "/v1/chat/completions", &sbody);
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
-    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     let text: String = chunks
         .iter()
         .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
         .collect();
-    assert_eq!(text, whole["choices"][0]["message"]["content"].as_str().unwrap());
+    assert_eq!(
+        text,
+        whole["choices"][0]["message"]["content"].as_str().unwrap()
+    );
     assert!(chunks.len() > 5, "streamed in pieces");
-    let finish: Vec<&Value> = chunks.iter().filter(|c| !c["choices"][0]["finish_reason"].is_null()).collect();
+    let finish: Vec<&Value> = chunks
+        .iter()
+        .filter(|c| !c["choices"][0]["finish_reason"].is_null())
+        .collect();
     assert_eq!(finish.len(), 1);
-    assert_eq!(finish[0]["choices"][0]["finish_reason"], whole["choices"][0]["finish_reason"]);
+    assert_eq!(
+        finish[0]["choices"][0]["finish_reason"],
+        whole["choices"][0]["finish_reason"]
+    );
     let usage = &chunks.last().unwrap()["usage"];
     assert_eq!(usage, &whole["usage"]);
-    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
 }
 
 #[test]
 fn stop_strings_n_and_seeds() {
     let url = shared();
     let p = PROMPTS[1];
-    let full = completion(url, p, 24)["choices"][0]["text"].as_str().unwrap().to_string();
+    let full = completion(url, p, 24)["choices"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
     // Stop at the third word of the greedy continuation.
     let word = full.split_whitespace().nth(2).unwrap().to_string();
     let cut = full.find(&word).unwrap();
-    let (code, v) = post(url, "/v1/completions", &json!({
-        "model": "smollm2", "prompt": p, "max_tokens": 24, "temperature": 0, "stop": [word],
-    }));
+    let (code, v) = post(
+        url,
+        "/v1/completions",
+        &json!({
+            "model": "smollm2", "prompt": p, "max_tokens": 24, "temperature": 0, "stop": [word],
+        }),
+    );
     assert_eq!(code, 200);
     assert_eq!(v["choices"][0]["text"].as_str().unwrap(), &full[..cut]);
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
@@ -226,9 +285,17 @@ fn stop_strings_n_and_seeds() {
     let (_, a) = post(url, "/v1/completions", &body);
     let (_, b) = post(url, "/v1/completions", &body);
     assert_eq!(a["choices"], b["choices"]);
-    let texts: Vec<&str> = a["choices"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap()).collect();
+    let texts: Vec<&str> = a["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["text"].as_str().unwrap())
+        .collect();
     assert_eq!(texts.len(), 3);
-    assert!(texts[0] != texts[1] || texts[1] != texts[2], "different seeds per choice: {texts:?}");
+    assert!(
+        texts[0] != texts[1] || texts[1] != texts[2],
+        "different seeds per choice: {texts:?}"
+    );
     for (i, c) in a["choices"].as_array().unwrap().iter().enumerate() {
         assert_eq!(c["index"], i);
     }
@@ -242,26 +309,60 @@ fn embeddings_match_sentence_transformers() {
     let url = shared();
     let fx: Value = serde_json::from_str(
         &std::fs::read_to_string(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../engine/tests/fixtures/minilm/embeddings.json"),
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../engine/tests/fixtures/minilm/embeddings.json"),
         )
         .unwrap(),
     )
     .unwrap();
-    let cases = fx["cases"].as_array().unwrap_or_else(|| panic!("fixture layout: {}", &fx.to_string()[..200]));
-    let texts: Vec<&str> = cases.iter().map(|c| c["text"].as_str().unwrap()).filter(|t| !t.is_empty()).take(4).collect();
-    let (code, v) = post(url, "/v1/embeddings", &json!({"model": "minilm", "input": texts}));
+    let cases = fx["cases"]
+        .as_array()
+        .unwrap_or_else(|| panic!("fixture layout: {}", &fx.to_string()[..200]));
+    let texts: Vec<&str> = cases
+        .iter()
+        .map(|c| c["text"].as_str().unwrap())
+        .filter(|t| !t.is_empty())
+        .take(4)
+        .collect();
+    let (code, v) = post(
+        url,
+        "/v1/embeddings",
+        &json!({"model": "minilm", "input": texts}),
+    );
     assert_eq!(code, 200, "{v}");
-    let (_, b64) = post(url, "/v1/embeddings", &json!({"model": "minilm", "input": texts, "encoding_format": "base64"}));
+    let (_, b64) = post(
+        url,
+        "/v1/embeddings",
+        &json!({"model": "minilm", "input": texts, "encoding_format": "base64"}),
+    );
     for (i, t) in texts.iter().enumerate() {
         let want: Vec<f64> = cases.iter().find(|c| c["text"] == *t).unwrap()["embedding"]
-            .as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
-        let got: Vec<f64> = v["data"][i]["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        let got: Vec<f64> = v["data"][i]["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
         assert_eq!(got.len(), 384);
-        let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
         assert!(worst < 1e-5, "{t:?}: max abs diff {worst}");
         use base64::Engine;
-        let bytes = base64::engine::general_purpose::STANDARD.decode(b64["data"][i]["embedding"].as_str().unwrap()).unwrap();
-        let floats: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b64["data"][i]["embedding"].as_str().unwrap())
+            .unwrap();
+        let floats: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
         // The JSON floats are the same f32 values (serde_json may parse one ULP off in f64).
         assert_eq!(floats, got.iter().map(|&x| x as f32).collect::<Vec<_>>());
     }
@@ -278,9 +379,17 @@ fn bad_requests_get_clear_openai_errors() {
         }
         post(url, "/v1/chat/completions", &b)
     };
-    let (c, v) = post_raw(url, "/v1/chat/completions", b"{\"model\": \"smollm2\", \"messages\": [");
+    let (c, v) = post_raw(
+        url,
+        "/v1/chat/completions",
+        b"{\"model\": \"smollm2\", \"messages\": [",
+    );
     assert_error(c, &v, 400, "not valid JSON");
-    let (c, v) = post_raw(url, "/v1/chat/completions", b"{\"model\": \"smollm2\", \"messages\": \"\xff\xfe\"}");
+    let (c, v) = post_raw(
+        url,
+        "/v1/chat/completions",
+        b"{\"model\": \"smollm2\", \"messages\": \"\xff\xfe\"}",
+    );
     assert_error(c, &v, 400, "UTF-8");
     let (c, v) = post_raw(url, "/v1/chat/completions", b"[1, 2]");
     assert_error(c, &v, 400, "JSON object");
@@ -309,20 +418,36 @@ fn bad_requests_get_clear_openai_errors() {
     assert_error(c, &v, 400, "'n'");
     let (c, v) = chat(json!({"stop": [1, 2]}));
     assert_error(c, &v, 400, "stop");
-    let (c, v) = post(url, "/v1/completions", &json!({"model": "smollm2", "prompt": [1, 2, 3]}));
+    let (c, v) = post(
+        url,
+        "/v1/completions",
+        &json!({"model": "smollm2", "prompt": [1, 2, 3]}),
+    );
     assert_error(c, &v, 400, "token ids");
     // A prompt over the server's prompt limit (4096 tokens by default).
     let long = "lorem ipsum ".repeat(5000);
-    let (c, v) = post(url, "/v1/completions", &json!({"model": "smollm2", "prompt": long}));
+    let (c, v) = post(
+        url,
+        "/v1/completions",
+        &json!({"model": "smollm2", "prompt": long}),
+    );
     assert_error(c, &v, 400, "tokens");
     assert_eq!(v["error"]["code"], "context_length_exceeded");
     // A body over the 1 MiB limit.
     let huge = json!({"model": "smollm2", "prompt": "x".repeat(2 << 20)});
     let (c, v) = post(url, "/v1/completions", &huge);
     assert_error(c, &v, 413, "limit");
-    let (c, v) = post(url, "/v1/embeddings", &json!({"model": "minilm", "input": ["ok", ""]}));
+    let (c, v) = post(
+        url,
+        "/v1/embeddings",
+        &json!({"model": "minilm", "input": ["ok", ""]}),
+    );
     assert_error(c, &v, 400, "input[1]");
-    let (c, v) = post(url, "/v1/embeddings", &json!({"model": "smollm2", "input": "x"}));
+    let (c, v) = post(
+        url,
+        "/v1/embeddings",
+        &json!({"model": "smollm2", "input": "x"}),
+    );
     assert_error(c, &v, 400, "generative");
     let r = ureq::get(&format!("{url}/v2/nothing")).call();
     assert!(matches!(r, Err(ureq::Error::Status(404, _))));
@@ -334,7 +459,12 @@ fn bad_requests_get_clear_openai_errors() {
 fn models_health_and_metrics() {
     let url = shared();
     let m: Value = serde_json::from_str(&get(url, "/v1/models")).unwrap();
-    let ids: Vec<&str> = m["data"].as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = m["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, ["smollm2", "minilm"]);
     let h: Value = serde_json::from_str(&get(url, "/health")).unwrap();
     assert_eq!(h["status"], "ok");
@@ -377,7 +507,10 @@ fn a_client_that_disconnects_frees_its_blocks() {
     drop(reader); // the client goes away mid-stream
     let t0 = Instant::now();
     while metric(&s.url, "kiln_running_sequences ") > 0.0 {
-        assert!(t0.elapsed() < Duration::from_secs(10), "the request was not cancelled");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the request was not cancelled"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(metric(&s.url, "kiln_kv_blocks_in_use "), 0.0);
@@ -419,9 +552,15 @@ fn soak_mixed_good_and_bad_requests() {
     let bad_bodies: Vec<Vec<u8>> = vec![
         b"{oops".to_vec(),
         b"\xff\xff".to_vec(),
-        json!({"model": "nope", "prompt": "x"}).to_string().into_bytes(),
-        json!({"model": "smollm2", "prompt": "x", "temperature": 1e9}).to_string().into_bytes(),
-        json!({"model": "smollm2", "messages": [{"role": "user"}]}).to_string().into_bytes(),
+        json!({"model": "nope", "prompt": "x"})
+            .to_string()
+            .into_bytes(),
+        json!({"model": "smollm2", "prompt": "x", "temperature": 1e9})
+            .to_string()
+            .into_bytes(),
+        json!({"model": "smollm2", "messages": [{"role": "user"}]})
+            .to_string()
+            .into_bytes(),
     ];
     let (good, bad) = std::thread::scope(|sc| {
         let hs: Vec<_> = (0..8)
@@ -454,7 +593,9 @@ fn soak_mixed_good_and_bad_requests() {
                 })
             })
             .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+        hs.into_iter()
+            .map(|h| h.join().unwrap())
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
     });
     assert!(good >= 8 && bad >= 8, "good {good}, bad {bad}");
     let h: Value = serde_json::from_str(&get(url, "/health")).unwrap();
@@ -465,13 +606,24 @@ fn soak_mixed_good_and_bad_requests() {
 fn a_request_past_the_timeout_gets_504_and_the_server_goes_on() {
     let s = start(&["--request-timeout", "1"]);
     let t0 = Instant::now();
-    let (code, v) = post(&s.url, "/v1/completions", &json!({"model": "smollm2", "prompt": "Count:", "max_tokens": 2000, "ignore_eos": true}));
+    let (code, v) = post(
+        &s.url,
+        "/v1/completions",
+        &json!({"model": "smollm2", "prompt": "Count:", "max_tokens": 2000, "ignore_eos": true}),
+    );
     assert_error(code, &v, 504, "timeout");
     assert!(t0.elapsed() < Duration::from_secs(30));
     // Streaming: an error event, then [DONE].
-    let events = stream(&s.url, "/v1/completions", &json!({"model": "smollm2", "prompt": "Count:", "max_tokens": 2000, "ignore_eos": true, "stream": true}));
+    let events = stream(
+        &s.url,
+        "/v1/completions",
+        &json!({"model": "smollm2", "prompt": "Count:", "max_tokens": 2000, "ignore_eos": true, "stream": true}),
+    );
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
     let err: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
     assert_eq!(err["error"]["code"], "timeout", "{err}");
-    assert_eq!(completion(&s.url, "Hello", 3)["usage"]["completion_tokens"], 3);
+    assert_eq!(
+        completion(&s.url, "Hello", 3)["usage"]["completion_tokens"],
+        3
+    );
 }

@@ -184,7 +184,11 @@ pub struct Scheduler {
 impl Scheduler {
     /// Starts the scheduler thread with its KV pool.
     pub fn start<M: PagedLanguageModel>(model: Arc<M>, cfg: SchedulerConfig) -> Result<Self> {
-        if cfg.max_running == 0 || cfg.block_size == 0 || cfg.num_blocks == 0 || cfg.max_step_tokens == 0 {
+        if cfg.max_running == 0
+            || cfg.block_size == 0
+            || cfg.num_blocks == 0
+            || cfg.max_step_tokens == 0
+        {
             return Err(EngineError::InvalidParam {
                 name: "scheduler",
                 value: format!("{cfg:?}"),
@@ -420,7 +424,11 @@ impl<M: PagedLanguageModel> Worker<M> {
         while i < self.queue.len() {
             let s = &self.queue[i];
             if s.req.cancel.is_cancelled() || timed_out(s) {
-                let stop = if s.req.cancel.is_cancelled() { StopReason::Cancelled } else { StopReason::TimedOut };
+                let stop = if s.req.cancel.is_cancelled() {
+                    StopReason::Cancelled
+                } else {
+                    StopReason::TimedOut
+                };
                 let s = self.queue.remove(i).expect("index checked");
                 self.queued.fetch_sub(1, Ordering::SeqCst);
                 self.finish(s, stop);
@@ -432,7 +440,11 @@ impl<M: PagedLanguageModel> Worker<M> {
         while i < self.running.len() {
             let s = &self.running[i];
             if s.req.cancel.is_cancelled() || timed_out(s) {
-                let stop = if s.req.cancel.is_cancelled() { StopReason::Cancelled } else { StopReason::TimedOut };
+                let stop = if s.req.cancel.is_cancelled() {
+                    StopReason::Cancelled
+                } else {
+                    StopReason::TimedOut
+                };
                 let s = self.running.remove(i);
                 self.finish(s, stop);
             } else {
@@ -446,7 +458,9 @@ impl<M: PagedLanguageModel> Worker<M> {
     fn admit(&mut self) {
         let bs = self.cfg.block_size;
         while self.running.len() < self.cfg.max_running {
-            let Some(front) = self.queue.front_mut() else { break };
+            let Some(front) = self.queue.front_mut() else {
+                break;
+            };
             // Whole blocks of the known tokens, keeping at least one token to feed.
             let shareable = (front.tokens.len() - 1) / bs;
             let (shared, prefix) = self.blocks.take_prefix(&front.tokens, shareable);
@@ -614,7 +628,9 @@ impl<M: PagedLanguageModel> Worker<M> {
             use rayon::prelude::*;
             refs.into_par_iter()
                 .map(|(i, s, mut l)| {
-                    let r = s.sampler.sample(&mut l, &s.tokens, &s.tokens[s.prompt_len..]);
+                    let r = s
+                        .sampler
+                        .sample(&mut l, &s.tokens, &s.tokens[s.prompt_len..]);
                     (i, r)
                 })
                 .collect()

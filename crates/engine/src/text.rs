@@ -60,4 +60,3 @@ impl<'t> TextStream<'t> {
         out
     }
 }
-

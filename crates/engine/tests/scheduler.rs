@@ -41,7 +41,10 @@ fn submit(
 fn collect(rx: mpsc::Receiver<Event>) -> Outcome {
     let mut tokens = Vec::new();
     loop {
-        match rx.recv_timeout(Duration::from_secs(60)).expect("the scheduler answers") {
+        match rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the scheduler answers")
+        {
             Event::Token(t) => tokens.push(t),
             Event::Finished(f) => return (tokens, Ok(f)),
             Event::Failed(e) => return (tokens, Err(e.to_string())),
@@ -71,7 +74,9 @@ fn opts(max_tokens: usize, sampling: SamplingParams) -> GenerateOptions {
 
 fn prompts() -> Vec<Vec<u32>> {
     vec![
-        vec![1, 17, 200, 45, 3, 99, 12, 7, 8, 33, 34, 35, 36, 37, 38, 39, 40, 41],
+        vec![
+            1, 17, 200, 45, 3, 99, 12, 7, 8, 33, 34, 35, 36, 37, 38, 39, 40, 41,
+        ],
         vec![5],
         vec![9, 8, 7, 6],
         vec![250, 2, 44, 61, 5, 5, 5],
@@ -169,14 +174,22 @@ fn a_shared_prefix_is_computed_once() {
     let system: Vec<u32> = (0..21).map(|i| (i * 7 + 3) % 256).collect();
     let o = opts(6, SamplingParams::default());
     let sched = Scheduler::start(model.clone(), cfg).unwrap();
-    for (k, tail) in [vec![1u32, 2], vec![9, 9, 9], vec![4]].into_iter().enumerate() {
+    for (k, tail) in [vec![1u32, 2], vec![9, 9, 9], vec![4]]
+        .into_iter()
+        .enumerate()
+    {
         let p: Vec<u32> = system.iter().copied().chain(tail).collect();
-        let (tokens, fin) = collect(submit(&sched, p.clone(), o.clone(), CancelToken::new(), None).unwrap());
+        let (tokens, fin) =
+            collect(submit(&sched, p.clone(), o.clone(), CancelToken::new(), None).unwrap());
         assert_eq!(tokens, alone(&model, &p, &o));
         let fin = fin.unwrap();
         // The first request computes everything; later ones reuse the 5 whole blocks (20
         // tokens) of the shared prefix.
-        assert_eq!(fin.cached_tokens, if k == 0 { 0 } else { 20 }, "request {k}");
+        assert_eq!(
+            fin.cached_tokens,
+            if k == 0 { 0 } else { 20 },
+            "request {k}"
+        );
     }
     assert_eq!(settled(&sched).prompt_tokens_cached, 40);
 }
@@ -184,7 +197,15 @@ fn a_shared_prefix_is_computed_once() {
 #[test]
 fn cancel_timeout_and_callback_stop_free_their_blocks() {
     let model = Arc::new(random_model("llama"));
-    let sched = Scheduler::start(model, SchedulerConfig { block_size: 4, num_blocks: 64, ..SchedulerConfig::default() }).unwrap();
+    let sched = Scheduler::start(
+        model,
+        SchedulerConfig {
+            block_size: 4,
+            num_blocks: 64,
+            ..SchedulerConfig::default()
+        },
+    )
+    .unwrap();
     let long = opts(10_000, SamplingParams::default());
     // Cancelled while running.
     let cancel = CancelToken::new();
@@ -248,13 +269,30 @@ fn bad_requests_and_a_full_queue_are_refused_at_submit() {
     };
     let sched = Scheduler::start(model, cfg).unwrap();
     let o = opts(4, SamplingParams::default());
-    let err = |p: Vec<u32>, o: GenerateOptions| submit(&sched, p, o, CancelToken::new(), None).unwrap_err();
+    let err = |p: Vec<u32>, o: GenerateOptions| {
+        submit(&sched, p, o, CancelToken::new(), None).unwrap_err()
+    };
     assert!(matches!(err(vec![], o.clone()), EngineError::EmptyPrompt));
-    assert!(matches!(err(vec![1; context], o.clone()), EngineError::PromptTooLong { .. }));
+    assert!(matches!(
+        err(vec![1; context], o.clone()),
+        EngineError::PromptTooLong { .. }
+    ));
     // Longer than the whole KV pool (32 positions).
-    assert!(matches!(err(vec![1; 40], o.clone()), EngineError::PromptTooLong { .. }));
-    let bad = GenerateOptions { sampling: SamplingParams { top_p: 0.0, ..SamplingParams::default() }, ..o.clone() };
-    assert!(matches!(err(vec![1], bad), EngineError::InvalidParam { .. }));
+    assert!(matches!(
+        err(vec![1; 40], o.clone()),
+        EngineError::PromptTooLong { .. }
+    ));
+    let bad = GenerateOptions {
+        sampling: SamplingParams {
+            top_p: 0.0,
+            ..SamplingParams::default()
+        },
+        ..o.clone()
+    };
+    assert!(matches!(
+        err(vec![1], bad),
+        EngineError::InvalidParam { .. }
+    ));
     // One running (its callback holds the scheduler thread until the gate opens), two queued,
     // the fourth is refused.
     let (gate_tx, gate_rx) = mpsc::channel::<()>();
@@ -278,7 +316,10 @@ fn bad_requests_and_a_full_queue_are_refused_at_submit() {
     assert!(matches!(running.recv().unwrap(), Event::Token(_)));
     let q1 = submit(&sched, vec![2], o.clone(), CancelToken::new(), None).unwrap();
     let q2 = submit(&sched, vec![3], o.clone(), CancelToken::new(), None).unwrap();
-    assert!(matches!(err(vec![4], o.clone()), EngineError::Busy { queued: 2 }));
+    assert!(matches!(
+        err(vec![4], o.clone()),
+        EngineError::Busy { queued: 2 }
+    ));
     gate_tx.send(()).unwrap();
     assert_eq!(collect(running).1.unwrap().stop, StopReason::Cancelled);
     assert_eq!(collect(q1).1.unwrap().stop, StopReason::MaxTokens);

@@ -24,7 +24,8 @@ use crate::{ModelError, Result};
 use kiln_nn::candle_core::{DType, Device, Tensor, D};
 use kiln_nn::{
     causal_attention_padded, Embedding, GeluMlp, GgufMetadata, KvCache, LayerNorm, Linear,
-    MakeTensor, Mlp, Norm, PagedKvCache, PagedSeq, RmsNorm, RopeLayout, RopeScaling, RotaryEmbedding, SwiGlu, Weights,
+    MakeTensor, Mlp, Norm, PagedKvCache, PagedSeq, RmsNorm, RopeLayout, RopeScaling,
+    RotaryEmbedding, SwiGlu, Weights,
 };
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -1035,7 +1036,11 @@ impl Llama {
                     max: self.cfg.max_position_embeddings,
                 });
             }
-            if let Some(&id) = s.tokens.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+            if let Some(&id) = s
+                .tokens
+                .iter()
+                .find(|&&id| id as usize >= self.cfg.vocab_size)
+            {
                 return Err(ModelError::TokenOutOfRange {
                     id,
                     vocab: self.cfg.vocab_size,

@@ -62,7 +62,11 @@ fn solo_logits(model: &Llama, tokens: &[u32]) -> Vec<Vec<f32>> {
 }
 
 fn close(a: &[f32], b: &[f32], what: &str) {
-    let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let worst = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
     assert!(worst < 1e-4, "{what}: max abs diff {worst}");
 }
 
@@ -111,7 +115,11 @@ fn check(model: &Llama) {
         for (&(s, n), got) in steps.iter().zip(&logits) {
             fed[s] += n;
             if fed[s] >= 3 {
-                close(got, &want[s][fed[s] - 3], &format!("sequence {s} at length {}", fed[s]));
+                close(
+                    got,
+                    &want[s][fed[s] - 3],
+                    &format!("sequence {s} at length {}", fed[s]),
+                );
             }
         }
     }
@@ -137,15 +145,45 @@ fn paged_forward_equals_per_sequence_forward_gpt2() {
 fn paged_forward_rejects_bad_steps() {
     let model = tiny(kiln_models::llama::Style::Llama, None, false);
     let mut cache = model.new_paged_cache(4, 4).unwrap();
-    let err = |steps: &[PagedStep], cache: &mut _| model.forward_paged(steps, cache).unwrap_err().to_string();
+    let err = |steps: &[PagedStep], cache: &mut _| {
+        model.forward_paged(steps, cache).unwrap_err().to_string()
+    };
     assert!(err(&[], &mut cache).contains("at least one token"));
-    let e = err(&[PagedStep { tokens: &[1, 2, 3, 4, 5], start: 0, blocks: &[0] }], &mut cache);
+    let e = err(
+        &[PagedStep {
+            tokens: &[1, 2, 3, 4, 5],
+            start: 0,
+            blocks: &[0],
+        }],
+        &mut cache,
+    );
     assert!(e.contains("blocks"), "{e}");
-    let e = err(&[PagedStep { tokens: &[500], start: 0, blocks: &[0] }], &mut cache);
+    let e = err(
+        &[PagedStep {
+            tokens: &[500],
+            start: 0,
+            blocks: &[0],
+        }],
+        &mut cache,
+    );
     assert!(e.contains("500"), "{e}");
-    let e = err(&[PagedStep { tokens: &[1], start: 64, blocks: &[0] }], &mut cache);
+    let e = err(
+        &[PagedStep {
+            tokens: &[1],
+            start: 64,
+            blocks: &[0],
+        }],
+        &mut cache,
+    );
     assert!(e.contains("65"), "{e}");
     let mut wrong = kiln_nn::PagedKvCache::new(3, 2, 8, 4, 4).unwrap();
-    let e = err(&[PagedStep { tokens: &[1], start: 0, blocks: &[0] }], &mut wrong);
+    let e = err(
+        &[PagedStep {
+            tokens: &[1],
+            start: 0,
+            blocks: &[0],
+        }],
+        &mut wrong,
+    );
     assert!(e.contains("layers"), "{e}");
 }

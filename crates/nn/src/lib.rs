@@ -33,14 +33,15 @@ mod rope;
 mod weights;
 
 pub use attention::{
-    cached_attention, causal_attention, causal_attention_padded, causal_attention_reference, repeat_kv,
+    cached_attention, causal_attention, causal_attention_padded, causal_attention_reference,
+    repeat_kv,
 };
 pub use kv_cache::KvCache;
 pub use linear::{Embedding, Linear};
 pub use mlp::{GeluMlp, Mlp, SwiGlu};
 pub use norm::{LayerNorm, Norm, RmsNorm};
-pub use paged_kv::{PagedKvCache, PagedSeq};
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, Muon, MuonConfig, OptimState, ParamState};
+pub use paged_kv::{PagedKvCache, PagedSeq};
 pub use rope::{RopeLayout, RopeScaling, RotaryEmbedding};
 pub use weights::{GgufMetadata, MakeTensor, Weights};
 

@@ -159,7 +159,10 @@ impl Linear {
             .collect();
         let one_row = x.elem_count() == x.dims().last().copied().unwrap_or(0);
         if let (Some(ws), true, DType::F32) = (blocks, one_row, x.dtype()) {
-            let xv = x.flatten_all().and_then(|x| x.to_vec1::<f32>()).op("linear input")?;
+            let xv = x
+                .flatten_all()
+                .and_then(|x| x.to_vec1::<f32>())
+                .op("linear input")?;
             if let Some(ys) = QWeight::matmul_row_many(&ws, &xv) {
                 let mut dims = x.dims().to_vec();
                 return parts
@@ -169,7 +172,8 @@ impl Linear {
                         if let Some(d) = dims.last_mut() {
                             *d = l.out_features;
                         }
-                        let y = Tensor::from_vec(y, dims.as_slice(), x.device()).op("linear output")?;
+                        let y =
+                            Tensor::from_vec(y, dims.as_slice(), x.device()).op("linear output")?;
                         match &l.bias {
                             Some(b) => y.broadcast_add(b).op("linear bias"),
                             None => Ok(y),

@@ -49,8 +49,7 @@ impl PagedKvCache {
         block_size: usize,
         num_blocks: usize,
     ) -> Result<Self> {
-        if num_layers == 0 || kv_heads == 0 || head_dim == 0 || block_size == 0 || num_blocks == 0
-        {
+        if num_layers == 0 || kv_heads == 0 || head_dim == 0 || block_size == 0 || num_blocks == 0 {
             return Err(NnError::Config {
                 what: "paged kv cache",
                 reason: format!(
@@ -98,8 +97,9 @@ impl PagedKvCache {
     fn check(&self, layer: usize, seqs: &[PagedSeq], rows: usize) -> Result<()> {
         let bad = |got: String| NnError::Shape {
             op: "paged kv",
-            expected: "a layer of the pool, block tables covering every position, rows in the batch"
-                .into(),
+            expected:
+                "a layer of the pool, block tables covering every position, rows in the batch"
+                    .into(),
             got,
         };
         if layer >= self.k.len() {
@@ -114,11 +114,18 @@ impl PagedKvCache {
                     s.start + s.len
                 )));
             }
-            if let Some(b) = s.blocks[..needed].iter().find(|&&b| b as usize >= self.num_blocks) {
+            if let Some(b) = s.blocks[..needed]
+                .iter()
+                .find(|&&b| b as usize >= self.num_blocks)
+            {
                 return Err(bad(format!("block {b} of {}", self.num_blocks)));
             }
             if s.offset + s.len > rows {
-                return Err(bad(format!("rows {}..{} of {rows}", s.offset, s.offset + s.len)));
+                return Err(bad(format!(
+                    "rows {}..{} of {rows}",
+                    s.offset,
+                    s.offset + s.len
+                )));
             }
         }
         Ok(())
@@ -139,7 +146,11 @@ impl PagedKvCache {
         if k.len() != self.kv_heads * rows * d || v.len() != k.len() {
             return Err(NnError::Shape {
                 op: "paged kv write",
-                expected: format!("{} values ({} heads x {rows} rows x {d})", self.kv_heads * rows * d, self.kv_heads),
+                expected: format!(
+                    "{} values ({} heads x {rows} rows x {d})",
+                    self.kv_heads * rows * d,
+                    self.kv_heads
+                ),
                 got: format!("{} keys, {} values", k.len(), v.len()),
             });
         }
@@ -230,8 +241,14 @@ pub(crate) fn attend_blocks(
 ) -> Vec<f32> {
     let d = g.head_dim;
     let mut out = vec![0f32; q.len()];
-    let work: usize = seqs.iter().map(|s| s.len * (s.start + s.len)).sum::<usize>() * q_heads * d;
-    let run = |h: usize, o: &mut [f32]| head_task(kl, vl, g, q, q_heads, rows, seqs, window, scale, h, o);
+    let work: usize = seqs
+        .iter()
+        .map(|s| s.len * (s.start + s.len))
+        .sum::<usize>()
+        * q_heads
+        * d;
+    let run =
+        |h: usize, o: &mut [f32]| head_task(kl, vl, g, q, q_heads, rows, seqs, window, scale, h, o);
     if work < 1 << 16 || rayon::current_num_threads() == 1 {
         for (h, o) in out.chunks_mut(rows * d).enumerate() {
             run(h, o);
@@ -325,7 +342,9 @@ mod tests {
         let mut rand = |n: usize| -> Vec<f32> {
             (0..n)
                 .map(|_| {
-                    rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    rng = rng
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     ((rng >> 33) as f32 / (1u64 << 31) as f32) - 0.5
                 })
                 .collect()
@@ -335,8 +354,18 @@ mod tests {
         let lens = [7usize, 4];
         let rows = 11;
         let seqs = [
-            PagedSeq { blocks: tables[0], start: 0, len: 7, offset: 0 },
-            PagedSeq { blocks: tables[1], start: 0, len: 4, offset: 7 },
+            PagedSeq {
+                blocks: tables[0],
+                start: 0,
+                len: 7,
+                offset: 0,
+            },
+            PagedSeq {
+                blocks: tables[1],
+                start: 0,
+                len: 4,
+                offset: 7,
+            },
         ];
         let k = rand(hkv * rows * d);
         let v = rand(hkv * rows * d);
@@ -353,7 +382,10 @@ mod tests {
                         let sc: Vec<f32> = (lo..=i)
                             .map(|j| {
                                 (0..d)
-                                    .map(|x| q[(h * rows + row) * d + x] * k[(g * rows + s.offset + j) * d + x])
+                                    .map(|x| {
+                                        q[(h * rows + row) * d + x]
+                                            * k[(g * rows + s.offset + j) * d + x]
+                                    })
                                     .sum::<f32>()
                                     * 0.7
                             })
@@ -367,7 +399,10 @@ mod tests {
                                 .map(|(j, p)| p / z * v[(g * rows + s.offset + j) * d + x])
                                 .sum();
                             let g = got[(h * rows + row) * d + x];
-                            assert!((g - want).abs() < 1e-5, "h {h} row {row} x {x}: {g} vs {want}");
+                            assert!(
+                                (g - want).abs() < 1e-5,
+                                "h {h} row {row} x {x}: {g} vs {want}"
+                            );
                         }
                     }
                 }
@@ -381,11 +416,26 @@ mod tests {
     #[test]
     fn bad_tables_and_shapes_are_errors() {
         let mut cache = PagedKvCache::new(1, 1, 4, 2, 4).unwrap();
-        let short = [PagedSeq { blocks: &[0], start: 1, len: 2, offset: 0 }];
+        let short = [PagedSeq {
+            blocks: &[0],
+            start: 1,
+            len: 2,
+            offset: 0,
+        }];
         assert!(cache.write(0, &[0.0; 8], &[0.0; 8], 2, &short).is_err());
-        let oob = [PagedSeq { blocks: &[7], start: 0, len: 1, offset: 0 }];
+        let oob = [PagedSeq {
+            blocks: &[7],
+            start: 0,
+            len: 1,
+            offset: 0,
+        }];
         assert!(cache.attend(0, &[0.0; 4], 1, 1, &oob, None, 1.0).is_err());
-        let ok = [PagedSeq { blocks: &[1], start: 0, len: 1, offset: 0 }];
+        let ok = [PagedSeq {
+            blocks: &[1],
+            start: 0,
+            len: 1,
+            offset: 0,
+        }];
         assert!(cache.attend(0, &[0.0; 4], 3, 1, &ok, None, 1.0).is_err());
         assert!(cache.attend(5, &[0.0; 4], 1, 1, &ok, None, 1.0).is_err());
         assert!(PagedKvCache::new(1, 1, 4, 0, 4).is_err());

@@ -504,7 +504,15 @@ impl QWeight {
 
     /// Weight row `j` against the `out.len()` (1..=`tile_rows`) activation rows from row `r0` of
     /// `xq`.
-    fn dot_tile(&self, j: usize, nb: usize, xq: &XRows, r0: usize, out: &mut [f32], kernel: Kernel) {
+    fn dot_tile(
+        &self,
+        j: usize,
+        nb: usize,
+        xq: &XRows,
+        r0: usize,
+        out: &mut [f32],
+        kernel: Kernel,
+    ) {
         let t = out.len();
         match xq {
             XRows::Blocks(xb) => {
@@ -526,15 +534,7 @@ impl QWeight {
     }
 
     /// Weight row `j` against all `m` activation rows, `out[r]` for row `r`.
-    fn row_dot(
-        &self,
-        j: usize,
-        nb: usize,
-        xq: &XRows,
-        m: usize,
-        out: &mut [f32],
-        kernel: Kernel,
-    ) {
+    fn row_dot(&self, j: usize, nb: usize, xq: &XRows, m: usize, out: &mut [f32], kernel: Kernel) {
         let mut r = 0;
         while r < m {
             let t = (m - r).min(tile_rows(kernel));
@@ -753,13 +753,20 @@ mod x86 {
     /// `out.len() >= R`.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni")]
     #[allow(clippy::needless_range_loop)] // `r` indexes `acc`, `macc` and the rows of `x`
-    pub(super) unsafe fn q4_zmm<const R: usize>(w: &[Q4Block], x: &[XPair], nb: usize, out: &mut [f32]) {
+    pub(super) unsafe fn q4_zmm<const R: usize>(
+        w: &[Q4Block],
+        x: &[XPair],
+        nb: usize,
+        out: &mut [f32],
+    ) {
         let np = nb.div_ceil(2);
         let mask = _mm256_set1_epi8(0x0F);
         let mut acc = [_mm512_setzero_ps(); R];
         let mut macc = [_mm_setzero_ps(); R];
         let unpack = |blk: &Q4Block| -> (__m256i, f32, f32) {
-            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(blk.dm.as_ptr() as *const i32)));
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
+                blk.dm.as_ptr() as *const i32
+            )));
             let q = _mm_loadu_si128(blk.qs.as_ptr() as *const __m128i);
             let v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), mask);
             (v, _mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)))
@@ -773,7 +780,11 @@ mod x86 {
                 (_mm256_setzero_si256(), 0.0, 0.0)
             };
             let wv = _mm512_inserti64x4(_mm512_castsi256_si512(v0), v1, 1);
-            let wd = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(d0)), _mm256_set1_ps(d1), 1);
+            let wd = _mm512_insertf32x8(
+                _mm512_castps256_ps512(_mm256_set1_ps(d0)),
+                _mm256_set1_ps(d1),
+                1,
+            );
             let wm = _mm_set_ps(0.0, 0.0, m1, m0);
             for r in 0..R {
                 let xp = x.get_unchecked(r * np + p);
@@ -787,7 +798,8 @@ mod x86 {
         }
         for r in 0..R {
             let m = macc[r];
-            *out.get_unchecked_mut(r) = _mm512_reduce_add_ps(acc[r]) + (_mm_cvtss_f32(m) + _mm_cvtss_f32(_mm_movehdup_ps(m)));
+            *out.get_unchecked_mut(r) = _mm512_reduce_add_ps(acc[r])
+                + (_mm_cvtss_f32(m) + _mm_cvtss_f32(_mm_movehdup_ps(m)));
         }
     }
 
@@ -798,7 +810,12 @@ mod x86 {
     /// As for [`q4_zmm`].
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni")]
     #[allow(clippy::needless_range_loop)] // `r` indexes `acc` and the packed rows of `x`
-    pub(super) unsafe fn q8_zmm<const R: usize>(w: &[Q8Block], x: &[XPair], nb: usize, out: &mut [f32]) {
+    pub(super) unsafe fn q8_zmm<const R: usize>(
+        w: &[Q8Block],
+        x: &[XPair],
+        nb: usize,
+        out: &mut [f32],
+    ) {
         let np = nb.div_ceil(2);
         let mut acc = [_mm512_setzero_ps(); R];
         let half = |blk: &Q8Block| -> (__m256i, f32) {
@@ -808,11 +825,19 @@ mod x86 {
         for p in 0..np {
             let b = 2 * p;
             let (v0, d0) = half(w.get_unchecked(b));
-            let (v1, d1) = if b + 1 < nb { half(w.get_unchecked(b + 1)) } else { (_mm256_setzero_si256(), 0.0) };
+            let (v1, d1) = if b + 1 < nb {
+                half(w.get_unchecked(b + 1))
+            } else {
+                (_mm256_setzero_si256(), 0.0)
+            };
             let wv = _mm512_inserti64x4(_mm512_castsi256_si512(v0), v1, 1);
             let neg = _mm512_movepi8_mask(wv);
             let wabs = _mm512_abs_epi8(wv);
-            let wd = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(d0)), _mm256_set1_ps(d1), 1);
+            let wd = _mm512_insertf32x8(
+                _mm512_castps256_ps512(_mm256_set1_ps(d0)),
+                _mm256_set1_ps(d1),
+                1,
+            );
             for r in 0..R {
                 let xp = x.get_unchecked(r * np + p);
                 let xv = _mm512_loadu_si512(xp.qs.as_ptr() as *const __m512i);

@@ -204,7 +204,11 @@ fn each_row_is_the_same_whatever_shares_its_batch() {
             for m in 1..=11 {
                 let got = w.matmul_with(&x[..m * k], kernel).unwrap();
                 for r in 0..m {
-                    assert_eq!(&got[r * n..(r + 1) * n], &alone[r][..], "{format:?} {kernel:?}: row {r} of {m}");
+                    assert_eq!(
+                        &got[r * n..(r + 1) * n],
+                        &alone[r][..],
+                        "{format:?} {kernel:?}: row {r} of {m}"
+                    );
                 }
             }
         }
@@ -227,7 +231,10 @@ fn one_row_against_many_matrices_equals_each_alone() {
         assert_eq!(got, &w.matmul(&x).unwrap());
     }
     // Under a two-thread pool too (the rows are split over tasks).
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
     let many2 = pool.install(|| QWeight::matmul_row_many(&refs, &x).unwrap());
     assert_eq!(many, many2);
     assert!(QWeight::matmul_row_many(&refs, &x[..32]).is_none());

@@ -52,9 +52,8 @@ pub fn object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
             "the request body is empty; send a JSON object",
         ));
     }
-    let v: Value = serde_json::from_str(text).map_err(|e| {
-        ApiError::bad_request(format!("the request body is not valid JSON: {e}"))
-    })?;
+    let v: Value = serde_json::from_str(text)
+        .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))?;
     match v {
         Value::Object(m) => Ok(m),
         other => Err(ApiError::bad_request(format!(
@@ -83,13 +82,17 @@ fn string(m: &Map<String, Value>, key: &str) -> Result<Option<String>, ApiError>
     match present(m, key) {
         None => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(v) => Err(ApiError::invalid(key, format!("'{key}' must be a string, not {}", kind(v)))),
+        Some(v) => Err(ApiError::invalid(
+            key,
+            format!("'{key}' must be a string, not {}", kind(v)),
+        )),
     }
 }
 
 fn required_string(m: &Map<String, Value>, key: &str) -> Result<String, ApiError> {
     string(m, key)?.ok_or_else(|| {
-        ApiError::invalid(key, format!("'{key}' is required")).with_code("missing_required_parameter")
+        ApiError::invalid(key, format!("'{key}' is required"))
+            .with_code("missing_required_parameter")
     })
 }
 
@@ -99,11 +102,17 @@ fn number(m: &Map<String, Value>, key: &str, lo: f64, hi: f64) -> Result<Option<
         Some(Value::Number(n)) => {
             let x = n.as_f64().unwrap_or(f64::NAN);
             if !(x >= lo && x <= hi) {
-                return Err(ApiError::invalid(key, format!("'{key}' must be between {lo} and {hi}, got {n}")));
+                return Err(ApiError::invalid(
+                    key,
+                    format!("'{key}' must be between {lo} and {hi}, got {n}"),
+                ));
             }
             Ok(Some(x))
         }
-        Some(v) => Err(ApiError::invalid(key, format!("'{key}' must be a number, not {}", kind(v)))),
+        Some(v) => Err(ApiError::invalid(
+            key,
+            format!("'{key}' must be a number, not {}", kind(v)),
+        )),
     }
 }
 
@@ -112,9 +121,15 @@ fn integer(m: &Map<String, Value>, key: &str, lo: u64, hi: u64) -> Result<Option
         None => Ok(None),
         Some(Value::Number(n)) => match n.as_u64() {
             Some(x) if (lo..=hi).contains(&x) => Ok(Some(x)),
-            _ => Err(ApiError::invalid(key, format!("'{key}' must be an integer between {lo} and {hi}, got {n}"))),
+            _ => Err(ApiError::invalid(
+                key,
+                format!("'{key}' must be an integer between {lo} and {hi}, got {n}"),
+            )),
         },
-        Some(v) => Err(ApiError::invalid(key, format!("'{key}' must be an integer, not {}", kind(v)))),
+        Some(v) => Err(ApiError::invalid(
+            key,
+            format!("'{key}' must be an integer, not {}", kind(v)),
+        )),
     }
 }
 
@@ -122,7 +137,10 @@ fn boolean(m: &Map<String, Value>, key: &str) -> Result<bool, ApiError> {
     match present(m, key) {
         None => Ok(false),
         Some(Value::Bool(b)) => Ok(*b),
-        Some(v) => Err(ApiError::invalid(key, format!("'{key}' must be a boolean, not {}", kind(v)))),
+        Some(v) => Err(ApiError::invalid(
+            key,
+            format!("'{key}' must be a boolean, not {}", kind(v)),
+        )),
     }
 }
 
@@ -136,14 +154,16 @@ fn common(m: &Map<String, Value>, limits: &Limits) -> Result<Common, ApiError> {
         if x as usize > limits.max_output_tokens {
             return Err(ApiError::invalid(
                 "max_tokens",
-                format!("'max_tokens' is {x}, but this server generates at most {} tokens per request", limits.max_output_tokens),
+                format!(
+                    "'max_tokens' is {x}, but this server generates at most {} tokens per request",
+                    limits.max_output_tokens
+                ),
             ));
         }
     }
     let temperature = number(m, "temperature", 0.0, 2.0)?.unwrap_or(1.0) as f32;
-    let top_p = number(m, "top_p", f64::MIN_POSITIVE, 1.0).map_err(|_| {
-        ApiError::invalid("top_p", "'top_p' must be a number in (0, 1]")
-    })?;
+    let top_p = number(m, "top_p", f64::MIN_POSITIVE, 1.0)
+        .map_err(|_| ApiError::invalid("top_p", "'top_p' must be a number in (0, 1]"))?;
     let sampling = SamplingParams {
         temperature,
         top_p: top_p.unwrap_or(1.0) as f32,
@@ -157,9 +177,19 @@ fn common(m: &Map<String, Value>, limits: &Limits) -> Result<Common, ApiError> {
             Some(Value::Number(n)) => match (n.as_u64(), n.as_i64()) {
                 (Some(u), _) => u,
                 (None, Some(i)) => i as u64,
-                _ => return Err(ApiError::invalid("seed", format!("'seed' must be an integer, got {n}"))),
+                _ => {
+                    return Err(ApiError::invalid(
+                        "seed",
+                        format!("'seed' must be an integer, got {n}"),
+                    ))
+                }
             },
-            Some(v) => return Err(ApiError::invalid("seed", format!("'seed' must be an integer, not {}", kind(v)))),
+            Some(v) => {
+                return Err(ApiError::invalid(
+                    "seed",
+                    format!("'seed' must be an integer, not {}", kind(v)),
+                ))
+            }
         },
     };
     let n = integer(m, "n", 1, limits.max_n as u64)?.unwrap_or(1) as usize;
@@ -168,25 +198,47 @@ fn common(m: &Map<String, Value>, limits: &Limits) -> Result<Common, ApiError> {
         Some(Value::String(s)) => vec![s.clone()],
         Some(Value::Array(a)) => {
             if a.len() > 4 {
-                return Err(ApiError::invalid("stop", format!("'stop' holds at most 4 sequences, got {}", a.len())));
+                return Err(ApiError::invalid(
+                    "stop",
+                    format!("'stop' holds at most 4 sequences, got {}", a.len()),
+                ));
             }
             a.iter()
                 .map(|v| match v {
                     Value::String(s) => Ok(s.clone()),
-                    v => Err(ApiError::invalid("stop", format!("'stop' entries must be strings, not {}", kind(v)))),
+                    v => Err(ApiError::invalid(
+                        "stop",
+                        format!("'stop' entries must be strings, not {}", kind(v)),
+                    )),
                 })
                 .collect::<Result<_, _>>()?
         }
-        Some(v) => return Err(ApiError::invalid("stop", format!("'stop' must be a string or an array of strings, not {}", kind(v)))),
+        Some(v) => {
+            return Err(ApiError::invalid(
+                "stop",
+                format!(
+                    "'stop' must be a string or an array of strings, not {}",
+                    kind(v)
+                ),
+            ))
+        }
     };
     let stream = boolean(m, "stream")?;
     let include_usage = match present(m, "stream_options") {
         None => false,
         Some(Value::Object(o)) => boolean(o, "include_usage")?,
-        Some(v) => return Err(ApiError::invalid("stream_options", format!("'stream_options' must be an object, not {}", kind(v)))),
+        Some(v) => {
+            return Err(ApiError::invalid(
+                "stream_options",
+                format!("'stream_options' must be an object, not {}", kind(v)),
+            ))
+        }
     };
     if boolean(m, "logprobs")? {
-        return Err(ApiError::invalid("logprobs", "'logprobs' is not supported by this server"));
+        return Err(ApiError::invalid(
+            "logprobs",
+            "'logprobs' is not supported by this server",
+        ));
     }
     Ok(Common {
         model,
@@ -203,7 +255,12 @@ fn common(m: &Map<String, Value>, limits: &Limits) -> Result<Common, ApiError> {
 fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
     h.finish()
 }
 
@@ -226,7 +283,13 @@ fn content(v: Option<&Value>, i: usize) -> Result<String, ApiError> {
             }
             Ok(out)
         }
-        Some(v) => Err(ApiError::invalid(&param, format!("'{param}' must be a string or an array of text parts, not {}", kind(v)))),
+        Some(v) => Err(ApiError::invalid(
+            &param,
+            format!(
+                "'{param}' must be a string or an array of text parts, not {}",
+                kind(v)
+            ),
+        )),
     }
 }
 
@@ -244,19 +307,40 @@ pub fn chat(m: Map<String, Value>, limits: &Limits) -> Result<ChatRequest, ApiEr
                 .with_code("missing_required_parameter"))
         }
         Some(Value::Array(a)) => a,
-        Some(v) => return Err(ApiError::invalid("messages", format!("'messages' must be an array, not {}", kind(v)))),
+        Some(v) => {
+            return Err(ApiError::invalid(
+                "messages",
+                format!("'messages' must be an array, not {}", kind(v)),
+            ))
+        }
     };
     if msgs.is_empty() {
-        return Err(ApiError::invalid("messages", "'messages' is empty; send at least one message"));
+        return Err(ApiError::invalid(
+            "messages",
+            "'messages' is empty; send at least one message",
+        ));
     }
     let mut messages = Vec::with_capacity(msgs.len());
     for (i, msg) in msgs.iter().enumerate() {
         let Value::Object(o) = msg else {
-            return Err(ApiError::invalid(&format!("messages[{i}]"), format!("'messages[{i}]' must be an object, not {}", kind(msg))));
+            return Err(ApiError::invalid(
+                &format!("messages[{i}]"),
+                format!("'messages[{i}]' must be an object, not {}", kind(msg)),
+            ));
         };
         let role = string(o, "role")
-            .map_err(|_| ApiError::invalid(&format!("messages[{i}].role"), format!("'messages[{i}].role' must be a string")))?
-            .ok_or_else(|| ApiError::invalid(&format!("messages[{i}].role"), format!("'messages[{i}].role' is required")))?;
+            .map_err(|_| {
+                ApiError::invalid(
+                    &format!("messages[{i}].role"),
+                    format!("'messages[{i}].role' must be a string"),
+                )
+            })?
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    &format!("messages[{i}].role"),
+                    format!("'messages[{i}].role' is required"),
+                )
+            })?;
         let role = match role.as_str() {
             "developer" => "system".to_string(),
             "system" | "user" | "assistant" | "tool" => role,
@@ -270,7 +354,10 @@ pub fn chat(m: Map<String, Value>, limits: &Limits) -> Result<ChatRequest, ApiEr
         messages.push(Message::new(&role, &content(o.get("content"), i)?));
     }
     if messages.iter().all(|m| m.content.trim().is_empty()) {
-        return Err(ApiError::invalid("messages", "every message is empty; send some text"));
+        return Err(ApiError::invalid(
+            "messages",
+            "every message is empty; send some text",
+        ));
     }
     Ok(ChatRequest { common, messages })
 }
@@ -279,15 +366,25 @@ pub fn completion(m: Map<String, Value>, limits: &Limits) -> Result<CompletionRe
     let common = common(&m, limits)?;
     let bad = |what: String| ApiError::invalid("prompt", what);
     let prompts = match present(&m, "prompt") {
-        None => return Err(bad("'prompt' is required".into()).with_code("missing_required_parameter")),
+        None => {
+            return Err(bad("'prompt' is required".into()).with_code("missing_required_parameter"))
+        }
         Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_string) => {
-            a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()
-        }
+        Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_string) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect(),
         Some(Value::Array(a)) if a.iter().all(Value::is_number) && !a.is_empty() => {
-            return Err(bad("'prompt' as token ids is not supported; send text".into()))
+            return Err(bad(
+                "'prompt' as token ids is not supported; send text".into()
+            ))
         }
-        Some(v) => return Err(bad(format!("'prompt' must be a string or a non-empty array of strings, not {}", kind(v)))),
+        Some(v) => {
+            return Err(bad(format!(
+                "'prompt' must be a string or a non-empty array of strings, not {}",
+                kind(v)
+            )))
+        }
     };
     if prompts.iter().any(|p| p.is_empty()) {
         return Err(bad("'prompt' is empty; send some text".into()));
@@ -302,7 +399,10 @@ pub fn completion(m: Map<String, Value>, limits: &Limits) -> Result<CompletionRe
         )));
     }
     if boolean(&m, "echo")? {
-        return Err(ApiError::invalid("echo", "'echo' is not supported by this server"));
+        return Err(ApiError::invalid(
+            "echo",
+            "'echo' is not supported by this server",
+        ));
     }
     Ok(CompletionRequest { common, prompts })
 }
@@ -311,27 +411,55 @@ pub fn embeddings(m: Map<String, Value>, limits: &Limits) -> Result<EmbeddingReq
     let model = required_string(&m, "model")?;
     let bad = |what: String| ApiError::invalid("input", what);
     let inputs = match present(&m, "input") {
-        None => return Err(bad("'input' is required".into()).with_code("missing_required_parameter")),
+        None => {
+            return Err(bad("'input' is required".into()).with_code("missing_required_parameter"))
+        }
         Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_string) => {
-            a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()
+        Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_string) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect(),
+        Some(Value::Array(a))
+            if !a.is_empty() && a.iter().all(|v| v.is_number() || v.is_array()) =>
+        {
+            return Err(bad(
+                "'input' as token ids is not supported; send text".into()
+            ))
         }
-        Some(Value::Array(a)) if !a.is_empty() && a.iter().all(|v| v.is_number() || v.is_array()) => {
-            return Err(bad("'input' as token ids is not supported; send text".into()))
+        Some(v) => {
+            return Err(bad(format!(
+                "'input' must be a string or a non-empty array of strings, not {}",
+                kind(v)
+            )))
         }
-        Some(v) => return Err(bad(format!("'input' must be a string or a non-empty array of strings, not {}", kind(v)))),
     };
     if let Some(i) = inputs.iter().position(|s| s.is_empty()) {
-        return Err(bad(format!("'input[{i}]' is empty; every input must hold some text")));
+        return Err(bad(format!(
+            "'input[{i}]' is empty; every input must hold some text"
+        )));
     }
     if inputs.len() > limits.max_embedding_inputs {
-        return Err(bad(format!("'input' holds {} texts; this server embeds at most {} per request", inputs.len(), limits.max_embedding_inputs)));
+        return Err(bad(format!(
+            "'input' holds {} texts; this server embeds at most {} per request",
+            inputs.len(),
+            limits.max_embedding_inputs
+        )));
     }
     let base64 = match string(&m, "encoding_format")?.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,
-        Some(other) => return Err(ApiError::invalid("encoding_format", format!("'encoding_format' is '{other}'; expected float or base64"))),
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "encoding_format",
+                format!("'encoding_format' is '{other}'; expected float or base64"),
+            ))
+        }
     };
     let dimensions = integer(&m, "dimensions", 1, 1 << 16)?.map(|d| d as usize);
-    Ok(EmbeddingRequest { model, inputs, base64, dimensions })
+    Ok(EmbeddingRequest {
+        model,
+        inputs,
+        base64,
+        dimensions,
+    })
 }

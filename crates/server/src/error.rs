@@ -77,7 +77,9 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut r = (self.status, axum::Json(self.body())).into_response();
-        if self.status == StatusCode::TOO_MANY_REQUESTS || self.status == StatusCode::SERVICE_UNAVAILABLE {
+        if self.status == StatusCode::TOO_MANY_REQUESTS
+            || self.status == StatusCode::SERVICE_UNAVAILABLE
+        {
             r.headers_mut()
                 .insert("retry-after", axum::http::HeaderValue::from_static("1"));
         }
@@ -102,10 +104,16 @@ impl From<EngineError> for ApiError {
                 format!("{e}; retry shortly"),
             )
             .with_code("server_busy"),
-            EngineError::ShutDown => {
-                Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", e.to_string())
-            }
-            _ => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string()),
+            EngineError::ShutDown => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                e.to_string(),
+            ),
+            _ => Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                e.to_string(),
+            ),
         }
     }
 }

@@ -18,8 +18,8 @@ pub mod error;
 pub mod metrics;
 
 use api::Common;
-use axum::body::Bytes;
 use axum::body::Body;
+use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Request as HttpRequest, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
@@ -30,8 +30,8 @@ use axum::{Json, Router};
 use error::ApiError;
 use futures_util::stream::Stream;
 use kiln_engine::{
-    CancelToken, ChatTemplate, Embedder, Event, GenerateOptions, Request, Scheduler,
-    StopReason, TextStream,
+    CancelToken, ChatTemplate, Embedder, Event, GenerateOptions, Request, Scheduler, StopReason,
+    TextStream,
 };
 use kiln_tokenizer::{AllowedSpecial, Tokenizer};
 use metrics::Metrics;
@@ -116,7 +116,11 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(model: Option<ServedModel>, embedder: Option<ServedEmbedder>, limits: Limits) -> Arc<Self> {
+    pub fn new(
+        model: Option<ServedModel>,
+        embedder: Option<ServedEmbedder>,
+        limits: Limits,
+    ) -> Arc<Self> {
         Arc::new(Self {
             embed_slots: Semaphore::new(limits.max_concurrent_embeddings.max(1)),
             model,
@@ -129,7 +133,11 @@ impl AppState {
     }
 
     fn ids(&self) -> Vec<&str> {
-        self.model.iter().map(|m| m.id.as_str()).chain(self.embedder.iter().map(|e| e.id.as_str())).collect()
+        self.model
+            .iter()
+            .map(|m| m.id.as_str())
+            .chain(self.embedder.iter().map(|e| e.id.as_str()))
+            .collect()
     }
 
     fn generator(&self, asked: &str) -> Result<&ServedModel, ApiError> {
@@ -137,19 +145,28 @@ impl AppState {
             Some(m) if m.id == asked => Ok(m),
             _ if self.embedder.as_ref().is_some_and(|e| e.id == asked) => Err(ApiError::invalid(
                 "model",
-                format!("`{asked}` is an embedding model; it cannot generate text (use /v1/embeddings)"),
+                format!(
+                    "`{asked}` is an embedding model; it cannot generate text (use /v1/embeddings)"
+                ),
             )),
             _ => Err(ApiError::model_not_found(asked, &self.ids())),
         }
     }
 
     fn request_id(&self, prefix: &str) -> String {
-        format!("{prefix}-{:x}{:06x}", self.started, self.next_id.fetch_add(1, Ordering::Relaxed))
+        format!(
+            "{prefix}-{:x}{:06x}",
+            self.started,
+            self.next_id.fetch_add(1, Ordering::Relaxed)
+        )
     }
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// The page served at `/`.
@@ -166,18 +183,35 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
         .fallback(|| async {
-            ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "no such endpoint; see GET /v1/models")
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "no such endpoint; see GET /v1/models",
+            )
         })
-        .layer(axum::middleware::from_fn_with_state(state.clone(), count_requests))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
         // Bodies are read by `body` below, which enforces the limit itself.
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
 }
 
-async fn count_requests(State(state): State<Arc<AppState>>, req: HttpRequest, next: Next) -> Response {
+async fn count_requests(
+    State(state): State<Arc<AppState>>,
+    req: HttpRequest,
+    next: Next,
+) -> Response {
     let path = req.uri().path().to_string();
     let endpoint = match path.as_str() {
-        "/" | "/health" | "/metrics" | "/v1/models" | "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings" => path,
+        "/"
+        | "/health"
+        | "/metrics"
+        | "/v1/models"
+        | "/v1/chat/completions"
+        | "/v1/completions"
+        | "/v1/embeddings" => path,
         _ => "other".to_string(),
     };
     let r = next.run(req).await;
@@ -187,10 +221,17 @@ async fn count_requests(State(state): State<Arc<AppState>>, req: HttpRequest, ne
 
 /// Binds `addr`, calls `on_listen` with the bound address (port 0 picks a free one), and serves
 /// until Ctrl-C.
-pub async fn serve(state: Arc<AppState>, addr: &str, on_listen: impl FnOnce(SocketAddr)) -> Result<(), ServerError> {
+pub async fn serve(
+    state: Arc<AppState>,
+    addr: &str,
+    on_listen: impl FnOnce(SocketAddr),
+) -> Result<(), ServerError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|source| ServerError::Bind { addr: addr.to_string(), source })?;
+        .map_err(|source| ServerError::Bind {
+            addr: addr.to_string(),
+            source,
+        })?;
     on_listen(listener.local_addr()?);
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async {
@@ -213,7 +254,10 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<Value> {
 async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
     let stats = state.model.as_ref().map(|m| m.scheduler.stats());
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         state.metrics.render(stats.as_ref()),
     )
         .into_response()
@@ -223,7 +267,9 @@ async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
     let data: Vec<Value> = state
         .ids()
         .into_iter()
-        .map(|id| json!({"id": id, "object": "model", "created": state.started, "owned_by": "kiln"}))
+        .map(
+            |id| json!({"id": id, "object": "model", "created": state.started, "owned_by": "kiln"}),
+        )
         .collect();
     Json(json!({"object": "list", "data": data}))
 }
@@ -240,7 +286,8 @@ async fn body(b: Body, limits: &Limits) -> Result<Bytes, ApiError> {
     let mut buf = Vec::new();
     let mut total = 0usize;
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("cannot read the request body: {e}")))?;
+        let chunk = chunk
+            .map_err(|e| ApiError::bad_request(format!("cannot read the request body: {e}")))?;
         total += chunk.len();
         if total <= limit {
             buf.extend_from_slice(&chunk);
@@ -271,12 +318,20 @@ async fn chat_completions(State(state): State<Arc<AppState>>, b: Body) -> Respon
         let served = state.generator(&api::model(&m)?)?;
         let req = api::chat(m, &state.limits)?;
         let Some((template, turn_stops)) = &served.chat else {
-            return Err(ApiError::invalid("model", format!("`{}` has no chat template; use /v1/completions", served.id)));
+            return Err(ApiError::invalid(
+                "model",
+                format!("`{}` has no chat template; use /v1/completions", served.id),
+            ));
         };
         let text = template.render(&req.messages, true)?;
         let prompt = encode(&served.tokenizer, &text)?;
         let mut stop_ids = served.stop_ids.clone();
-        stop_ids.extend(turn_stops.iter().copied().filter(|id| !served.stop_ids.contains(id)));
+        stop_ids.extend(
+            turn_stops
+                .iter()
+                .copied()
+                .filter(|id| !served.stop_ids.contains(id)),
+        );
         generate(&state, Kind::Chat, req.common, vec![prompt], stop_ids).await
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
@@ -287,10 +342,21 @@ async fn completions(State(state): State<Arc<AppState>>, b: Body) -> Response {
         let m = api::object(&body(b, &state.limits).await?)?;
         let served = state.generator(&api::model(&m)?)?;
         let mut req = api::completion(m, &state.limits)?;
-        let prompts = req.prompts.iter().map(|p| encode(&served.tokenizer, p)).collect::<Result<Vec<_>, _>>()?;
+        let prompts = req
+            .prompts
+            .iter()
+            .map(|p| encode(&served.tokenizer, p))
+            .collect::<Result<Vec<_>, _>>()?;
         // OpenAI's default for completions.
         req.common.max_tokens.get_or_insert(16);
-        generate(&state, Kind::Text, req.common, prompts, served.stop_ids.clone()).await
+        generate(
+            &state,
+            Kind::Text,
+            req.common,
+            prompts,
+            served.stop_ids.clone(),
+        )
+        .await
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
 }
@@ -348,7 +414,11 @@ async fn generate(
         Some(m) => m,
         None => room.min(state.limits.max_output_tokens),
     };
-    let stop_ids = if common.ignore_eos { Vec::new() } else { stop_ids };
+    let stop_ids = if common.ignore_eos {
+        Vec::new()
+    } else {
+        stop_ids
+    };
     let prompt_tokens: usize = prompts.iter().map(Vec::len).sum::<usize>() * common.n;
     // One choice per (prompt, n); choice index = prompt * n + j, as OpenAI numbers them.
     let choices: Vec<(usize, Vec<u32>, u64)> = prompts
@@ -367,7 +437,11 @@ async fn generate(
         sampling.seed = *seed;
         served.scheduler.submit(Request {
             prompt: prompt.clone(),
-            opts: GenerateOptions { sampling, max_tokens, stop_ids: stop_ids.clone() },
+            opts: GenerateOptions {
+                sampling,
+                max_tokens,
+                stop_ids: stop_ids.clone(),
+            },
             deadline: Some(deadline),
             cancel: guard.0[i].clone(),
             on_event: Box::new(move |e| tx.send((i, e)).is_ok()),
@@ -381,9 +455,13 @@ async fn generate(
     let timeout = state.limits.request_timeout;
     tokio::spawn(async move {
         let guard = guard;
-        let Some(served) = task_state.model.as_ref() else { return };
+        let Some(served) = task_state.model.as_ref() else {
+            return;
+        };
         let tok = served.tokenizer.clone();
-        let mut streams: Vec<Option<TextStream>> = (0..n_choices).map(|_| Some(TextStream::new(&tok, &stops, &stop_ids))).collect();
+        let mut streams: Vec<Option<TextStream>> = (0..n_choices)
+            .map(|_| Some(TextStream::new(&tok, &stops, &stop_ids)))
+            .collect();
         let mut by_string = vec![false; n_choices];
         let mut completion = 0;
         let mut first_token = true;
@@ -395,7 +473,9 @@ async fn generate(
             let Some((i, ev)) = ev else { break };
             let out = match ev {
                 Event::Token(id) => {
-                    let Some(s) = streams[i].as_mut() else { continue };
+                    let Some(s) = streams[i].as_mut() else {
+                        continue;
+                    };
                     let text = s.push(id);
                     if s.stopped && !by_string[i] {
                         by_string[i] = true;
@@ -408,10 +488,15 @@ async fn generate(
                 }
                 Event::Finished(f) => {
                     completion += f.completion_tokens;
-                    if let (true, Some(t)) = (std::mem::take(&mut first_token), f.time_to_first_token) {
+                    if let (true, Some(t)) =
+                        (std::mem::take(&mut first_token), f.time_to_first_token)
+                    {
                         task_state.metrics.time_to_first_token(t);
                     }
-                    let tail = streams[i].take().map(TextStream::finish).unwrap_or_default();
+                    let tail = streams[i]
+                        .take()
+                        .map(TextStream::finish)
+                        .unwrap_or_default();
                     if !tail.is_empty() && out_tx.send(ChoiceEvent::Text(i, tail)).await.is_err() {
                         break;
                     }
@@ -420,14 +505,25 @@ async fn generate(
                         _ if by_string[i] => "stop",
                         StopReason::MaxTokens | StopReason::ContextFull => "length",
                         StopReason::TimedOut => {
-                            let e = ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout_error", format!("the request ran past this server's timeout of {} s", timeout.as_secs()))
-                                .with_code("timeout");
+                            let e = ApiError::new(
+                                StatusCode::GATEWAY_TIMEOUT,
+                                "timeout_error",
+                                format!(
+                                    "the request ran past this server's timeout of {} s",
+                                    timeout.as_secs()
+                                ),
+                            )
+                            .with_code("timeout");
                             let _ = out_tx.send(ChoiceEvent::Failed(e)).await;
                             break;
                         }
                         StopReason::Cancelled => break,
                     };
-                    ChoiceEvent::Done { index: i, finish_reason, completion_tokens: f.completion_tokens }
+                    ChoiceEvent::Done {
+                        index: i,
+                        finish_reason,
+                        completion_tokens: f.completion_tokens,
+                    }
                 }
                 Event::Failed(e) => ChoiceEvent::Failed(e.into()),
             };
@@ -438,8 +534,19 @@ async fn generate(
         task_state.metrics.tokens(0, completion);
     });
     state.metrics.tokens(prompt_tokens, 0);
-    let id = state.request_id(if kind == Kind::Chat { "chatcmpl" } else { "cmpl" });
-    let meta = Meta { id, created: now_secs(), model: common.model.clone(), kind, prompt_tokens, n_choices };
+    let id = state.request_id(if kind == Kind::Chat {
+        "chatcmpl"
+    } else {
+        "cmpl"
+    });
+    let meta = Meta {
+        id,
+        created: now_secs(),
+        model: common.model.clone(),
+        kind,
+        prompt_tokens,
+        n_choices,
+    };
     if common.stream {
         Ok(stream_response(meta, out_rx, common.include_usage).into_response())
     } else {
@@ -496,19 +603,28 @@ impl Meta {
                 }
                 json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": finish})
             }
-            Kind::Text => json!({"index": index, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}),
+            Kind::Text => {
+                json!({"index": index, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish})
+            }
         }
     }
 }
 
-async fn whole_response(meta: Meta, mut rx: mpsc::Receiver<ChoiceEvent>) -> Result<Response, ApiError> {
+async fn whole_response(
+    meta: Meta,
+    mut rx: mpsc::Receiver<ChoiceEvent>,
+) -> Result<Response, ApiError> {
     let mut texts = vec![String::new(); meta.n_choices];
     let mut finish = vec![None; meta.n_choices];
     let mut completion = 0;
     while let Some(ev) = rx.recv().await {
         match ev {
             ChoiceEvent::Text(i, t) => texts[i].push_str(&t),
-            ChoiceEvent::Done { index, finish_reason, completion_tokens } => {
+            ChoiceEvent::Done {
+                index,
+                finish_reason,
+                completion_tokens,
+            } => {
                 finish[index] = Some(finish_reason);
                 completion += completion_tokens;
             }
@@ -516,7 +632,11 @@ async fn whole_response(meta: Meta, mut rx: mpsc::Receiver<ChoiceEvent>) -> Resu
         }
     }
     if finish.iter().any(Option::is_none) {
-        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "the request was stopped before it finished"));
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "the request was stopped before it finished",
+        ));
     }
     let choices: Vec<Value> = texts
         .into_iter()
@@ -539,7 +659,11 @@ async fn whole_response(meta: Meta, mut rx: mpsc::Receiver<ChoiceEvent>) -> Resu
     .into_response())
 }
 
-fn stream_response(meta: Meta, rx: mpsc::Receiver<ChoiceEvent>, include_usage: bool) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+fn stream_response(
+    meta: Meta,
+    rx: mpsc::Receiver<ChoiceEvent>,
+    include_usage: bool,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     struct St {
         meta: Meta,
         rx: mpsc::Receiver<ChoiceEvent>,
@@ -548,7 +672,14 @@ fn stream_response(meta: Meta, rx: mpsc::Receiver<ChoiceEvent>, include_usage: b
         include_usage: bool,
         phase: u8, // 0 streaming, 1 usage sent or skipped, 2 done sent
     }
-    let st = St { started: vec![false; meta.n_choices], meta, rx, completion: 0, include_usage, phase: 0 };
+    let st = St {
+        started: vec![false; meta.n_choices],
+        meta,
+        rx,
+        completion: 0,
+        include_usage,
+        phase: 0,
+    };
     let data = |v: Value| SseEvent::default().data(v.to_string());
     let stream = futures_util::stream::unfold(st, move |mut st| async move {
         loop {
@@ -556,14 +687,31 @@ fn stream_response(meta: Meta, rx: mpsc::Receiver<ChoiceEvent>, include_usage: b
                 0 => match st.rx.recv().await {
                     Some(ChoiceEvent::Text(i, t)) => {
                         let first = !std::mem::replace(&mut st.started[i], true);
-                        let ev = data(st.meta.chunk(json!([st.meta.delta(i, Some(&t), first, None)])));
+                        let ev =
+                            data(
+                                st.meta
+                                    .chunk(json!([st.meta.delta(i, Some(&t), first, None)])),
+                            );
                         return Some((Ok(ev), st));
                     }
-                    Some(ChoiceEvent::Done { index, finish_reason, completion_tokens }) => {
+                    Some(ChoiceEvent::Done {
+                        index,
+                        finish_reason,
+                        completion_tokens,
+                    }) => {
                         st.completion += completion_tokens;
                         let first = !std::mem::replace(&mut st.started[index], true);
-                        let text = if first && st.meta.kind == Kind::Chat { Some("") } else { None };
-                        let ev = data(st.meta.chunk(json!([st.meta.delta(index, text, first, Some(finish_reason))])));
+                        let text = if first && st.meta.kind == Kind::Chat {
+                            Some("")
+                        } else {
+                            None
+                        };
+                        let ev = data(st.meta.chunk(json!([st.meta.delta(
+                            index,
+                            text,
+                            first,
+                            Some(finish_reason)
+                        )])));
                         return Some((Ok(ev), st));
                     }
                     Some(ChoiceEvent::Failed(e)) => {
@@ -606,14 +754,22 @@ async fn embeddings(State(state): State<Arc<AppState>>, b: Body) -> Response {
         let dim = served.embedder.dim();
         if let Some(d) = req.dimensions {
             if d != dim {
-                return Err(ApiError::invalid("dimensions", format!("'dimensions' is {d}, but `{}` gives vectors of {dim}", served.id)));
+                return Err(ApiError::invalid(
+                    "dimensions",
+                    format!(
+                        "'dimensions' is {d}, but `{}` gives vectors of {dim}",
+                        served.id
+                    ),
+                ));
             }
         }
-        let _slot = state
-            .embed_slots
-            .acquire()
-            .await
-            .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "the server is shutting down"))?;
+        let _slot = state.embed_slots.acquire().await.map_err(|_| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "the server is shutting down",
+            )
+        })?;
         let embedder = served.embedder.clone();
         let inputs = req.inputs;
         let n = inputs.len();
@@ -622,8 +778,20 @@ async fn embeddings(State(state): State<Arc<AppState>>, b: Body) -> Response {
             embedder.embed(&refs)
         })
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", format!("the embedding task failed: {e}")))?
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string()))?;
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                format!("the embedding task failed: {e}"),
+            )
+        })?
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                e.to_string(),
+            )
+        })?;
         state.metrics.embeddings(n, out.tokens);
         let data: Vec<Value> = out
             .vectors
