@@ -97,7 +97,7 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
         .strip_prefix("kiln serve: listening on http://")
         .with_context(|| format!("kiln serve did not start: {line:?}"))?
         .to_string();
-    let model_id = model_id_of(&args.model);
+    let model_id = crate::serve_cmd::model_id(&args.model);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -151,16 +151,6 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
         bail!("{failed} requests failed");
     }
     Ok(())
-}
-
-fn model_id_of(spec: &str) -> String {
-    if kiln_assets::is_asset_name(spec) && !std::path::Path::new(spec).exists() {
-        return spec.to_string();
-    }
-    std::path::Path::new(spec.trim_end_matches('/'))
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| spec.to_string())
 }
 
 async fn run_level(

@@ -59,7 +59,7 @@ pub struct ServeArgs {
 }
 
 /// The id clients use: the name as given, or the file or folder name of a path.
-fn model_id(spec: &str) -> String {
+pub fn model_id(spec: &str) -> String {
     if kiln_assets::is_asset_name(spec) && !Path::new(spec).exists() {
         return spec.to_string();
     }

@@ -6,22 +6,13 @@
 //! Needs python3 with venv and pip (PyPI reachable on first run; the venv is cached under
 //! `$KILN_HOME/venvs`). Without them the test fails with the reason.
 
+mod common;
+
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 const OPENAI: &str = "openai==3.57.0";
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn venv() -> PathBuf {
     let home = std::env::var_os("KILN_HOME")
@@ -62,34 +53,8 @@ fn post(url: &str, path: &str, body: &Value) -> Value {
 #[test]
 fn the_openai_python_client_works_unchanged() {
     let py = venv();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
-    cmd.args([
-        "serve",
-        "--model",
-        "smollm2",
-        "--embedding-model",
-        "minilm",
-        "--port",
-        "0",
-    ])
-    .stdout(Stdio::piped());
-    // SAFETY: prctl is async-signal-safe; the server dies with the test.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-    let mut child = Server(cmd.spawn().unwrap());
-    let mut line = String::new();
-    BufReader::new(child.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("kiln serve: listening on ")
-        .unwrap()
-        .to_string();
+    let server = common::start(&["--embedding-model", "minilm"]);
+    let url = server.url.clone();
 
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai/client_check.py");
     let out = Command::new(&py)

@@ -5,51 +5,14 @@
 //! OpenAI-shaped 4xx while the server keeps serving; a disconnected client frees its KV blocks;
 //! the queue limit answers 429; and a soak of mixed good and bad requests.
 
+mod common;
+
+use common::start;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
-
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(extra: &[&str]) -> Server {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
-    cmd.args(["serve", "--model", "smollm2", "--port", "0"])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    // SAFETY: prctl is async-signal-safe; it asks the kernel to kill the server when the thread
-    // that started it exits, so no server outlives the tests.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().expect("start kiln serve");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("kiln serve: listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    Server { child, url }
-}
 
 /// One server for the tests that do not need special limits. It is started from a thread that
 /// lives as long as the test process, so the parent-death signal fires only when the tests end.

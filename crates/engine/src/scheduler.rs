@@ -312,6 +312,17 @@ impl Seq {
     fn generated(&self) -> usize {
         self.tokens.len() - self.prompt_len
     }
+
+    /// Why the caller wants this request stopped, if it does: its cancel token or its deadline.
+    fn caller_stop(&self, now: Instant) -> Option<StopReason> {
+        if self.req.cancel.is_cancelled() {
+            Some(StopReason::Cancelled)
+        } else if self.req.deadline.is_some_and(|d| now >= d) {
+            Some(StopReason::TimedOut)
+        } else {
+            None
+        }
+    }
 }
 
 struct Worker<M: PagedLanguageModel> {
@@ -419,37 +430,18 @@ impl<M: PagedLanguageModel> Worker<M> {
 
     fn drop_cancelled(&mut self) {
         let now = Instant::now();
-        let timed_out = |s: &Seq| s.req.deadline.is_some_and(|d| now >= d);
-        let mut i = 0;
-        while i < self.queue.len() {
-            let s = &self.queue[i];
-            if s.req.cancel.is_cancelled() || timed_out(s) {
-                let stop = if s.req.cancel.is_cancelled() {
-                    StopReason::Cancelled
-                } else {
-                    StopReason::TimedOut
-                };
-                let s = self.queue.remove(i).expect("index checked");
-                self.queued.fetch_sub(1, Ordering::SeqCst);
-                self.finish(s, stop);
-            } else {
-                i += 1;
-            }
-        }
-        let mut i = 0;
-        while i < self.running.len() {
-            let s = &self.running[i];
-            if s.req.cancel.is_cancelled() || timed_out(s) {
-                let stop = if s.req.cancel.is_cancelled() {
-                    StopReason::Cancelled
-                } else {
-                    StopReason::TimedOut
-                };
-                let s = self.running.remove(i);
-                self.finish(s, stop);
-            } else {
-                i += 1;
-            }
+        let (gone, kept): (VecDeque<Seq>, VecDeque<Seq>) = std::mem::take(&mut self.queue)
+            .into_iter()
+            .partition(|s| s.caller_stop(now).is_some());
+        self.queue = kept;
+        self.queued.fetch_sub(gone.len(), Ordering::SeqCst);
+        let (gone_running, kept): (Vec<Seq>, Vec<Seq>) = std::mem::take(&mut self.running)
+            .into_iter()
+            .partition(|s| s.caller_stop(now).is_some());
+        self.running = kept;
+        for s in gone.into_iter().chain(gone_running) {
+            let stop = s.caller_stop(now).unwrap_or(StopReason::Cancelled);
+            self.finish(s, stop);
         }
     }
 

@@ -537,15 +537,16 @@ impl Block {
             split(&qkv[1], cfg.num_kv_heads)?,
             split(&qkv[2], cfg.num_kv_heads)?,
         );
+        // Inference keeps (B, H, T, D) for the caches: heads to the front, then RoPE.
+        let front = |y: Tensor| y.transpose(1, 2).map_err(nn("heads to front"));
+        let rotate = |y: Tensor| -> Result<Tensor> {
+            match rope {
+                Some((rope, (cos, sin))) => Ok(rope.apply(&y, cos, sin)?),
+                None => Ok(y),
+            }
+        };
         let att = match attend {
             Attend::Cache { cache, layer, pad } => {
-                let front = |y: Tensor| y.transpose(1, 2).map_err(nn("heads to front"));
-                let rotate = |y: Tensor| -> Result<Tensor> {
-                    match rope {
-                        Some((rope, (cos, sin))) => Ok(rope.apply(&y, cos, sin)?),
-                        None => Ok(y),
-                    }
-                };
                 let q = rotate(front(q)?)?;
                 let k = rotate(front(k)?)?;
                 let (k, v) = cache.append(layer, &k, &front(v)?)?;
@@ -561,13 +562,6 @@ impl Block {
             }
             Attend::Paged { cache, layer, seqs } => {
                 let rows = t;
-                let front = |y: Tensor| y.transpose(1, 2).map_err(nn("heads to front"));
-                let rotate = |y: Tensor| -> Result<Tensor> {
-                    match rope {
-                        Some((rope, (cos, sin))) => Ok(rope.apply(&y, cos, sin)?),
-                        None => Ok(y.contiguous().map_err(nn("heads contiguous"))?),
-                    }
-                };
                 let flat = |y: Tensor| -> Result<Vec<f32>> {
                     y.flatten_all()
                         .and_then(|y| y.to_vec1::<f32>())

@@ -231,20 +231,20 @@ pub fn cached_attention(
         len: t,
         offset: 0,
     }];
-    let out = crate::paged_kv::attend_blocks(
-        &kd[..hkv * capacity * d],
-        &vd[..hkv * capacity * d],
-        crate::paged_kv::Geometry {
+    let out = crate::paged_kv::attend_blocks(&crate::paged_kv::Job {
+        k: &kd[..hkv * capacity * d],
+        v: &vd[..hkv * capacity * d],
+        geometry: crate::paged_kv::Geometry {
             kv_heads: hkv,
             head_dim: d,
             block_size: capacity,
         },
-        &qv,
-        hq,
-        t,
-        &seq,
+        q: &qv,
+        q_heads: hq,
+        rows: t,
+        seqs: &seq,
         window,
-        1.0 / (d as f32).sqrt(),
-    );
+        scale: 1.0 / (d as f32).sqrt(),
+    });
     Tensor::from_vec(out, (1, hq, t, d), q.device()).op("attention out")
 }

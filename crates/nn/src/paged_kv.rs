@@ -197,10 +197,10 @@ impl PagedKvCache {
                 got: format!("{q_heads} heads, {} values", q.len()),
             });
         }
-        Ok(attend_blocks(
-            &self.k[layer],
-            &self.v[layer],
-            Geometry {
+        Ok(attend_blocks(&Job {
+            k: &self.k[layer],
+            v: &self.v[layer],
+            geometry: Geometry {
                 kv_heads: self.kv_heads,
                 head_dim: d,
                 block_size: self.block_size,
@@ -211,7 +211,7 @@ impl PagedKvCache {
             seqs,
             window,
             scale,
-        ))
+        }))
     }
 }
 
@@ -223,41 +223,44 @@ pub(crate) struct Geometry {
     pub block_size: usize,
 }
 
+/// One attention call: keys and values of one layer laid out by `geometry`, the queries
+/// (`[q_head][row][d]` over `rows` rows) and the sequences they belong to.
+pub(crate) struct Job<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub geometry: Geometry,
+    pub q: &'a [f32],
+    pub q_heads: usize,
+    pub rows: usize,
+    pub seqs: &'a [PagedSeq<'a>],
+    pub window: Option<usize>,
+    pub scale: f32,
+}
+
 /// The attention kernel shared by the paged pool and the contiguous [`crate::KvCache`] (which is
 /// one block per sequence, of its capacity): the same arithmetic in the same order, so a sequence
 /// gets bit-identical results from both. Arguments as in [`PagedKvCache::attend`] (checked by the
-/// callers).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn attend_blocks(
-    kl: &[f32],
-    vl: &[f32],
-    g: Geometry,
-    q: &[f32],
-    q_heads: usize,
-    rows: usize,
-    seqs: &[PagedSeq],
-    window: Option<usize>,
-    scale: f32,
-) -> Vec<f32> {
-    let d = g.head_dim;
-    let mut out = vec![0f32; q.len()];
-    let work: usize = seqs
+/// callers). Returns `[q_head][row][d]`.
+pub(crate) fn attend_blocks(job: &Job) -> Vec<f32> {
+    let d = job.geometry.head_dim;
+    let mut out = vec![0f32; job.q.len()];
+    let work: usize = job
+        .seqs
         .iter()
         .map(|s| s.len * (s.start + s.len))
         .sum::<usize>()
-        * q_heads
+        * job.q_heads
         * d;
-    let run =
-        |h: usize, o: &mut [f32]| head_task(kl, vl, g, q, q_heads, rows, seqs, window, scale, h, o);
+    let chunk = job.rows * d;
     if work < 1 << 16 || rayon::current_num_threads() == 1 {
-        for (h, o) in out.chunks_mut(rows * d).enumerate() {
-            run(h, o);
+        for (h, o) in out.chunks_mut(chunk).enumerate() {
+            head_task(job, h, o);
         }
     } else {
         use rayon::prelude::*;
-        out.par_chunks_mut(rows * d)
+        out.par_chunks_mut(chunk)
             .enumerate()
-            .for_each(|(h, o)| run(h, o));
+            .for_each(|(h, o)| head_task(job, h, o));
     }
     out
 }
@@ -265,37 +268,23 @@ pub(crate) fn attend_blocks(
 crate::fused::simd::multiversion!(
     /// Query head `h` of every sequence, into `out` (`[row][d]` of that head), compiled for the
     /// best instruction set the CPU has (8-wide FMA and a vectorised `exp` on AVX2).
-    fn head_task = head_generic(
-        kl: &[f32],
-        vl: &[f32],
-        g: Geometry,
-        q: &[f32],
-        q_heads: usize,
-        rows: usize,
-        seqs: &[PagedSeq],
-        window: Option<usize>,
-        scale: f32,
-        h: usize,
-        out: &mut [f32],
-    );
+    fn head_task = head_generic(job: &Job, h: usize, out: &mut [f32]);
 );
 
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn head_generic<I: crate::fused::simd::Isa>(
-    kl: &[f32],
-    vl: &[f32],
-    g: Geometry,
-    q: &[f32],
-    q_heads: usize,
-    rows: usize,
-    seqs: &[PagedSeq],
-    window: Option<usize>,
-    scale: f32,
-    h: usize,
-    out: &mut [f32],
-) {
+fn head_generic<I: crate::fused::simd::Isa>(job: &Job, h: usize, out: &mut [f32]) {
     use crate::fused::simd;
+    let Job {
+        k: kl,
+        v: vl,
+        geometry: g,
+        q,
+        q_heads,
+        rows,
+        seqs,
+        window,
+        scale,
+    } = *job;
     let d = g.head_dim;
     let kvh = h / (q_heads / g.kv_heads);
     let index = |block: u32, offset: usize| {

@@ -132,10 +132,20 @@ fn pack_pairs(xq: &[XBlock], nb: usize) -> Vec<XPair> {
     out
 }
 
-/// Quantized activations in the layout the chosen kernel reads, `rows` rows of `stride` units.
+/// Quantized activations in the layout the chosen kernel reads.
 enum XRows {
     Blocks(Vec<XBlock>),
     Pairs(Vec<XPair>),
+}
+
+impl XRows {
+    /// Rows of `nb` blocks, repacked into pairs for the 512-bit kernels.
+    fn for_kernel(xq: Vec<XBlock>, nb: usize, kernel: Kernel) -> Self {
+        match kernel {
+            Kernel::Avx512Zmm => XRows::Pairs(pack_pairs(&xq, nb)),
+            _ => XRows::Blocks(xq),
+        }
+    }
 }
 
 /// The GGUF block formats this module multiplies.
@@ -396,10 +406,7 @@ impl QWeight {
         } else {
             quantize_rows(x, k)
         };
-        let xq = match kernel {
-            Kernel::Avx512Zmm => XRows::Pairs(pack_pairs(&xq, nb)),
-            _ => XRows::Blocks(xq),
-        };
+        let xq = XRows::for_kernel(xq, nb, kernel);
         use rayon::prelude::*;
         let tile = tile_rows(kernel);
         if m.div_ceil(tile) >= 2 * threads || (!parallel && m > 1) {
@@ -473,10 +480,7 @@ impl QWeight {
         let kernel = Kernel::detect();
         let nb = k / BLOCK;
         let xq = quantize_rows(x, k);
-        let xq = match kernel {
-            Kernel::Avx512Zmm => XRows::Pairs(pack_pairs(&xq, nb)),
-            _ => XRows::Blocks(xq),
-        };
+        let xq = XRows::for_kernel(xq, nb, kernel);
         // (matrix, first row, rows) chunks over all matrices.
         let threads = rayon::current_num_threads();
         let total: usize = ws.iter().map(|w| w.rows).sum();

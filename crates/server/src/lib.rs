@@ -92,8 +92,8 @@ pub struct ServedModel {
     /// The name clients use in `"model"`.
     pub id: String,
     pub tokenizer: Arc<Tokenizer>,
-    /// The chat template and the ids that end an assistant turn; without one, only
-    /// `/v1/completions` works.
+    /// The chat template and the ids that end a chat reply (its end-of-turn tokens and EOS, as
+    /// `kiln serve` gets them from the model); without one, only `/v1/completions` works.
     pub chat: Option<(ChatTemplate, Vec<u32>)>,
     /// Ids that end any generation (EOS).
     pub stop_ids: Vec<u32>,
@@ -317,7 +317,7 @@ async fn chat_completions(State(state): State<Arc<AppState>>, b: Body) -> Respon
         let m = api::object(&body(b, &state.limits).await?)?;
         let served = state.generator(&api::model(&m)?)?;
         let req = api::chat(m, &state.limits)?;
-        let Some((template, turn_stops)) = &served.chat else {
+        let Some((template, reply_stops)) = &served.chat else {
             return Err(ApiError::invalid(
                 "model",
                 format!("`{}` has no chat template; use /v1/completions", served.id),
@@ -325,14 +325,14 @@ async fn chat_completions(State(state): State<Arc<AppState>>, b: Body) -> Respon
         };
         let text = template.render(&req.messages, true)?;
         let prompt = encode(&served.tokenizer, &text)?;
-        let mut stop_ids = served.stop_ids.clone();
-        stop_ids.extend(
-            turn_stops
-                .iter()
-                .copied()
-                .filter(|id| !served.stop_ids.contains(id)),
-        );
-        generate(&state, Kind::Chat, req.common, vec![prompt], stop_ids).await
+        generate(
+            &state,
+            Kind::Chat,
+            req.common,
+            vec![prompt],
+            reply_stops.clone(),
+        )
+        .await
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
 }
