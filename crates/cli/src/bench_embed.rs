@@ -430,28 +430,28 @@ fn mb(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
-/// Runs [`worker`] in a child `kiln` with `RAYON_NUM_THREADS` set: candle sizes its gemm and
-/// element-wise pools from that variable at first use, so an in-process `ThreadPool::install`
-/// would not limit them.
+/// Runs [`worker`] in a child `kiln` (see [`crate::worker`]).
 fn kiln_in_child(a: &BenchEmbedArgs, threads: usize) -> Result<Measured> {
-    let exe = std::env::current_exe().context("locating the kiln binary")?;
-    let out = Command::new(&exe)
-        .args(["bench", "embed", "--worker"])
-        .args(["--model", &a.model])
-        .args(["--texts", &a.texts.to_string()])
-        .args(["--batch", &a.batch.to_string()])
-        .args(["--rounds", &a.rounds.to_string()])
-        .args(["--warmup", &a.warmup.to_string()])
-        .env("RAYON_NUM_THREADS", threads.to_string())
-        .output()
-        .with_context(|| format!("running {}", exe.display()))?;
-    if !out.status.success() {
-        bail!(
-            "the kiln worker ({threads} threads) failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let v: Value = serde_json::from_slice(&out.stdout).context("parsing the kiln worker's JSON")?;
+    let args: Vec<String> = [
+        "bench",
+        "embed",
+        "--worker",
+        "--model",
+        &a.model,
+        "--texts",
+        &a.texts.to_string(),
+        "--batch",
+        &a.batch.to_string(),
+        "--rounds",
+        &a.rounds.to_string(),
+        "--warmup",
+        &a.warmup.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let out = crate::worker::run_kiln(&args, threads)?;
+    let v: Value = serde_json::from_str(&out).context("parsing the kiln worker's JSON")?;
     parse_measured(&v, "kiln worker")
 }
 

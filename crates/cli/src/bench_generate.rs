@@ -205,27 +205,27 @@ fn kiln_in_child(
     threads: usize,
     args: &BenchGenerateArgs,
 ) -> Result<Vec<(usize, f64, f64)>> {
-    let exe = std::env::current_exe().context("locating the kiln binary")?;
     let batches: Vec<String> = args.batch.iter().map(|b| b.to_string()).collect();
-    let out = Command::new(&exe)
-        .args(["bench", "generate", "--worker", "--model"])
-        .arg(model)
-        .args(["--prompt-tokens", &args.prompt_tokens.to_string()])
-        .args(["--gen-tokens", &args.gen_tokens.to_string()])
-        .args(["--batch", &batches.join(",")])
-        .args(["--threads", &threads.to_string()])
-        .args(["--reps", &args.reps.to_string()])
-        .env("RAYON_NUM_THREADS", threads.to_string())
-        .output()
-        .with_context(|| format!("running {}", exe.display()))?;
-    if !out.status.success() {
-        bail!(
-            "the kiln worker ({threads} threads) failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    let mut worker_args: Vec<std::ffi::OsString> = vec![
+        "bench".into(),
+        "generate".into(),
+        "--worker".into(),
+        "--model".into(),
+    ];
+    worker_args.push(model.as_os_str().to_owned());
+    for (flag, value) in [
+        ("--prompt-tokens", args.prompt_tokens.to_string()),
+        ("--gen-tokens", args.gen_tokens.to_string()),
+        ("--batch", batches.join(",")),
+        ("--threads", threads.to_string()),
+        ("--reps", args.reps.to_string()),
+    ] {
+        worker_args.push(flag.into());
+        worker_args.push(value.into());
     }
+    let out = crate::worker::run_kiln(&worker_args, threads)?;
     let mut res = Vec::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
+    for line in out.lines() {
         let v: Value = serde_json::from_str(line).context("parsing the worker's output")?;
         let num = |k: &str| v.get(k).and_then(Value::as_f64).unwrap_or(0.0);
         res.push((num("batch") as usize, num("pp"), num("tg")));

@@ -320,30 +320,32 @@ fn model_cfg(a: &BenchTrainArgs) -> kiln_models::Config {
     kiln_train::model_config(a.depth, Style::Gpt2, a.vocab, a.seq_len)
 }
 
-/// Runs [`worker`] in a child `kiln` with `RAYON_NUM_THREADS` set: candle sizes its gemm and
-/// element-wise pools from that variable at first use, so an in-process `ThreadPool::install`
-/// would not limit them.
+/// Runs [`worker`] in a child `kiln` (see [`crate::worker`]).
 fn kiln_in_child(a: &BenchTrainArgs, threads: usize) -> Result<Measured> {
-    let exe = std::env::current_exe().context("locating the kiln binary")?;
-    let out = Command::new(&exe)
-        .args(["bench", "train", "--worker"])
-        .args(["--threads", &threads.to_string()])
-        .args(["--steps", &a.steps.to_string()])
-        .args(["--warmup", &a.warmup.to_string()])
-        .args(["--batch", &a.batch.to_string()])
-        .args(["--seq-len", &a.seq_len.to_string()])
-        .args(["--depth", &a.depth.to_string()])
-        .args(["--vocab", &a.vocab.to_string()])
-        .env("RAYON_NUM_THREADS", threads.to_string())
-        .output()
-        .with_context(|| format!("running {}", exe.display()))?;
-    if !out.status.success() {
-        bail!(
-            "the kiln worker ({threads} threads) failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let v: Value = serde_json::from_slice(&out.stdout).context("parsing the kiln worker's JSON")?;
+    let args: Vec<String> = [
+        "bench",
+        "train",
+        "--worker",
+        "--threads",
+        &threads.to_string(),
+        "--steps",
+        &a.steps.to_string(),
+        "--warmup",
+        &a.warmup.to_string(),
+        "--batch",
+        &a.batch.to_string(),
+        "--seq-len",
+        &a.seq_len.to_string(),
+        "--depth",
+        &a.depth.to_string(),
+        "--vocab",
+        &a.vocab.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let out = crate::worker::run_kiln(&args, threads)?;
+    let v: Value = serde_json::from_str(&out).context("parsing the kiln worker's JSON")?;
     parse_measured(&v, "kiln worker")
 }
 

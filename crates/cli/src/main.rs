@@ -19,6 +19,7 @@ mod tokenizer_bench;
 mod tokenizer_cmd;
 mod train_cmd;
 mod venv;
+mod worker;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
