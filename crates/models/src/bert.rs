@@ -454,23 +454,7 @@ pub fn mean_pool(hidden: &Tensor, lengths: &[usize]) -> Result<Vec<Vec<f32>>> {
 /// The safetensors files of a folder: the shards of `model.safetensors.index.json`, else
 /// `model.safetensors`.
 fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let index = dir.join("model.safetensors.index.json");
-    if index.is_file() {
-        #[derive(Deserialize)]
-        struct Index {
-            weight_map: std::collections::BTreeMap<String, String>,
-        }
-        let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
-            path: index.clone(),
-            source,
-        })?;
-        let idx: Index = serde_json::from_str(&text).map_err(|source| ModelError::Json {
-            path: index.clone(),
-            source,
-        })?;
-        let mut files: Vec<PathBuf> = idx.weight_map.values().map(|f| dir.join(f)).collect();
-        files.sort();
-        files.dedup();
+    if let Some(files) = crate::indexed_shards(dir)? {
         return Ok(files);
     }
     let single = dir.join("model.safetensors");

@@ -10,7 +10,7 @@ pub use bert::Bert;
 pub use kiln_nn::{KvCache, PagedKvCache};
 pub use llama::{chat_template, Config, HfConfig, Llama, PagedStep};
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Errors from this crate.
 #[derive(Debug, thiserror::Error)]
@@ -50,3 +50,28 @@ pub enum ModelError {
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;
+
+/// The shard files named by a Hugging Face folder's `model.safetensors.index.json` (sorted,
+/// each once), or `None` if the folder has no index.
+pub(crate) fn indexed_shards(dir: &Path) -> Result<Option<Vec<PathBuf>>> {
+    let index = dir.join("model.safetensors.index.json");
+    if !index.exists() {
+        return Ok(None);
+    }
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: std::collections::BTreeMap<String, String>,
+    }
+    let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
+        path: index.clone(),
+        source,
+    })?;
+    let idx: Index = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+        path: index.clone(),
+        source,
+    })?;
+    let mut files: Vec<PathBuf> = idx.weight_map.values().map(|f| dir.join(f)).collect();
+    files.sort();
+    files.dedup();
+    Ok(Some(files))
+}

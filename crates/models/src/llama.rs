@@ -1199,23 +1199,7 @@ fn has_gguf_magic(path: &Path) -> bool {
 
 /// The safetensors files of a Hugging Face folder, sharded (via the index) or not.
 fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let index = dir.join("model.safetensors.index.json");
-    if index.exists() {
-        #[derive(Deserialize)]
-        struct Index {
-            weight_map: std::collections::BTreeMap<String, String>,
-        }
-        let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
-            path: index.clone(),
-            source,
-        })?;
-        let idx: Index = serde_json::from_str(&text).map_err(|source| ModelError::Json {
-            path: index.clone(),
-            source,
-        })?;
-        let mut files: Vec<PathBuf> = idx.weight_map.values().map(|f| dir.join(f)).collect();
-        files.sort();
-        files.dedup();
+    if let Some(files) = crate::indexed_shards(dir)? {
         return Ok(files);
     }
     let rd = std::fs::read_dir(dir).map_err(|source| ModelError::Io {
