@@ -14,8 +14,9 @@
 //!
 //! llama.cpp is built once from the llama-cpp-python 0.3.36 sdist (the archive the
 //! `tokenizer-tests` asset already downloads and checks) with CMake and Ninja from PyPI in a venv
-//! under `$KILN_HOME/llamacpp`, with the flags `../shared/ASSETS.md` records (no `GGML_NATIVE`:
-//! its AMX path dies with SIGILL here), and the binary is cached there.
+//! under `$KILN_HOME/llamacpp`, without `GGML_NATIVE` (its AMX path dies with SIGILL here) and
+//! AMX, with the instruction sets the running CPU has turned on one by one (`../shared/ASSETS.md`
+//! records the AVX-512 machine's set), and the binary is cached there per instruction set.
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -31,16 +32,61 @@ const LLAMA_CPP_VERSION: &str = "0.3.36";
 const LLAMA_CMAKE_FLAGS: &[&str] = &[
     "-DCMAKE_BUILD_TYPE=Release",
     "-DGGML_NATIVE=OFF",
-    "-DGGML_AVX512=ON",
-    "-DGGML_AVX512_VBMI=ON",
-    "-DGGML_AVX512_VNNI=ON",
-    "-DGGML_AVX512_BF16=ON",
     "-DGGML_AMX_TILE=OFF",
     "-DGGML_AMX_INT8=OFF",
     "-DGGML_AMX_BF16=OFF",
     "-DLLAMA_CURL=OFF",
     "-DBUILD_SHARED_LIBS=OFF",
 ];
+
+/// llama.cpp's instruction-set flags for the CPU this runs on, and a name for that set (the build
+/// folder is per set, so a cache made on an AVX-512 machine is never run on an AVX2-only one,
+/// where it dies with SIGILL). `GGML_NATIVE` would do the detection itself, but its AMX path
+/// dies with SIGILL on the AMX machines here (it never asks the kernel for tile state).
+fn llama_isa_flags() -> (Vec<String>, String) {
+    let mut on: Vec<(&str, &str)> = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx") {
+            on.push(("GGML_AVX", "avx"));
+        }
+        if has!("avx2") && has!("fma") && has!("f16c") && has!("bmi2") {
+            on.extend([
+                ("GGML_AVX2", "avx2"),
+                ("GGML_FMA", "fma"),
+                ("GGML_F16C", "f16c"),
+                ("GGML_BMI2", "bmi2"),
+            ]);
+        }
+        if has!("avxvnni") {
+            on.push(("GGML_AVX_VNNI", "avxvnni"));
+        }
+        if has!("avx512f")
+            && has!("avx512bw")
+            && has!("avx512dq")
+            && has!("avx512vl")
+            && has!("avx512cd")
+        {
+            on.push(("GGML_AVX512", "avx512"));
+            if has!("avx512vbmi") {
+                on.push(("GGML_AVX512_VBMI", "vbmi"));
+            }
+            if has!("avx512vnni") {
+                on.push(("GGML_AVX512_VNNI", "vnni"));
+            }
+            if has!("avx512bf16") {
+                on.push(("GGML_AVX512_BF16", "bf16"));
+            }
+        }
+    }
+    let flags = on.iter().map(|(f, _)| format!("-D{f}=ON")).collect();
+    let name = match on.is_empty() {
+        true => "baseline".to_string(),
+        false => on.iter().map(|(_, n)| *n).collect::<Vec<_>>().join("-"),
+    };
+    (flags, name)
+}
 
 #[derive(Args, Debug)]
 pub struct BenchGenerateArgs {
@@ -384,7 +430,9 @@ fn run_ok(cmd: &mut Command, what: &str) -> Result<()> {
 fn ensure_llama_bench() -> Result<PathBuf> {
     let store = kiln_assets::Store::from_env()?;
     let root = store.home().join("llamacpp");
-    let bin = root.join("build/bin/llama-bench");
+    let (isa_flags, isa) = llama_isa_flags();
+    let build = root.join(format!("build-{isa}"));
+    let bin = build.join("bin/llama-bench");
     if bin.is_file() {
         return Ok(bin);
     }
@@ -436,7 +484,6 @@ fn ensure_llama_bench() -> Result<PathBuf> {
         venv.join("bin").display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let build = root.join("build");
     run_ok(
         Command::new(venv.join("bin/cmake"))
             .env("PATH", &path)
@@ -445,7 +492,8 @@ fn ensure_llama_bench() -> Result<PathBuf> {
             .arg("-B")
             .arg(&build)
             .args(["-G", "Ninja"])
-            .args(LLAMA_CMAKE_FLAGS),
+            .args(LLAMA_CMAKE_FLAGS)
+            .args(&isa_flags),
         "configuring llama.cpp",
     )?;
     run_ok(

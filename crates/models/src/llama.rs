@@ -22,6 +22,9 @@
 
 use crate::{ModelError, Result};
 use kiln_nn::candle_core::{DType, Device, Tensor, D};
+use kiln_nn::fused::rows;
+use kiln_nn::qkernels::{QInput, QWeight};
+use kiln_nn::team::{self, SharedBuf};
 use kiln_nn::{
     causal_attention_padded, Embedding, GeluMlp, GgufMetadata, KvCache, LayerNorm, Linear,
     MakeTensor, Mlp, Norm, PagedKvCache, PagedSeq, RmsNorm, RopeLayout, RopeScaling,
@@ -29,6 +32,8 @@ use kiln_nn::{
 };
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 /// The two layouts of the decoder family. Everything else (sizes, heads, biases, windows) is a
 /// [`Config`] field of its own.
@@ -634,6 +639,8 @@ pub struct Llama {
     lm_head: Linear,
     rope: RotaryEmbedding,
     device: Device,
+    /// What the one-token step needs beyond the layers, when it applies (see [`DecodePlan`]).
+    decode: Option<DecodePlan>,
 }
 
 /// Which naming scheme the weight source uses.
@@ -827,6 +834,7 @@ impl Llama {
             w.linear(head_name, None, (cfg.vocab_size, h))?
         };
         let rope = RotaryEmbedding::new(d, cfg.rope_theta, cfg.rope_scaling.clone(), layout)?;
+        let decode = DecodePlan::new(pos_embed.is_none(), w.device(), &layers, &norm, &lm_head)?;
         Ok(Self {
             cfg,
             embed,
@@ -836,7 +844,35 @@ impl Llama {
             lm_head,
             rope,
             device: w.device().clone(),
+            decode,
         })
+    }
+
+    /// This model with every projection (q, k, v, o, the MLP's and the output head) quantized in
+    /// memory to `dtype` (for example `Q8_0`), as a GGUF file of that type would hold them; the
+    /// embeddings and norms stay as they are.
+    pub fn quantize(&self, dtype: kiln_nn::candle_core::quantized::GgmlDType) -> Result<Self> {
+        let mut m = self.clone();
+        for b in &mut m.layers {
+            for l in [&mut b.q, &mut b.k, &mut b.v, &mut b.o] {
+                *l = l.quantize(dtype)?;
+            }
+            match &mut b.mlp {
+                Mlp::SwiGlu(s) => {
+                    for l in [&mut s.gate, &mut s.up, &mut s.down] {
+                        *l = l.quantize(dtype)?;
+                    }
+                }
+                Mlp::Gelu(g) => {
+                    for l in [&mut g.up, &mut g.down] {
+                        *l = l.quantize(dtype)?;
+                    }
+                }
+            }
+        }
+        m.lm_head = m.lm_head.quantize(dtype)?;
+        m.decode = DecodePlan::new(m.uses_rope(), &m.device, &m.layers, &m.norm, &m.lm_head)?;
+        Ok(m)
     }
 
     /// A new model whose every tensor comes from `make(name, shape)`, named as in a Hugging Face
@@ -956,6 +992,35 @@ impl Llama {
     /// depend only on position differences, so each row's logits equal those of the row alone
     /// up to rounding.
     pub fn forward_padded(
+        &self,
+        input_ids: &Tensor,
+        start_pos: usize,
+        cache: &mut KvCache,
+        pad: &[usize],
+    ) -> Result<Tensor> {
+        if input_ids.dims() == [1, 1] && pad.iter().all(|&p| p == 0) && self.decode.is_some() {
+            let id = input_ids
+                .to_dtype(DType::U32)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<u32>())
+                .map_err(nn("token id"))?[0];
+            if cache.len() != start_pos {
+                return Err(ModelError::CacheMismatch {
+                    start_pos,
+                    cached: cache.len(),
+                });
+            }
+            if let Some(logits) = self.decode_token(id, cache)? {
+                let v = logits.len();
+                return Tensor::from_vec(logits, (1, v), &self.device).map_err(nn("logits"));
+            }
+        }
+        self.forward_graph(input_ids, start_pos, cache, pad)
+    }
+
+    /// [`Self::forward_padded`] always through the tensor graph, never the one-token step
+    /// ([`Self::decode_token`]): the reference that step is tested against.
+    pub fn forward_graph(
         &self,
         input_ids: &Tensor,
         start_pos: usize,
@@ -1136,6 +1201,287 @@ impl Llama {
         }
         cache.advance(t);
         Ok(self.norm.forward(&x)?)
+    }
+}
+
+/// What the one-token decode step ([`Llama::decode_token`]) needs besides the layers' weights:
+/// the norms' and biases' values as plain vectors. Present only for LLaMA-style models (RMSNorm,
+/// SwiGLU, rotary positions) whose every projection is in kiln's own block formats (Q4_0, Q4_1,
+/// Q8_0), on the CPU; anything else decodes through the tensor graph.
+#[derive(Debug, Clone)]
+struct DecodePlan {
+    layers: Vec<LayerPlan>,
+    norm: (Vec<f32>, f32),
+}
+
+#[derive(Debug, Clone)]
+struct LayerPlan {
+    attn_norm: (Vec<f32>, f32),
+    mlp_norm: (Vec<f32>, f32),
+    /// q, k, v, o, gate, up, down.
+    bias: [Option<Vec<f32>>; 7],
+}
+
+impl DecodePlan {
+    fn new(
+        rope: bool,
+        device: &Device,
+        layers: &[Block],
+        norm: &Norm,
+        lm_head: &Linear,
+    ) -> Result<Option<Self>> {
+        if !rope || !device.is_cpu() || lm_head.blocks().is_none() {
+            return Ok(None);
+        }
+        let Some(norm) = norm.rms_values()? else {
+            return Ok(None);
+        };
+        let mut plans = Vec::with_capacity(layers.len());
+        for b in layers {
+            let Mlp::SwiGlu(mlp) = &b.mlp else {
+                return Ok(None);
+            };
+            let linears = [&b.q, &b.k, &b.v, &b.o, &mlp.gate, &mlp.up, &mlp.down];
+            if linears.iter().any(|l| l.blocks().is_none()) {
+                return Ok(None);
+            }
+            let (Some(attn_norm), Some(mlp_norm)) =
+                (b.attn_norm.rms_values()?, b.mlp_norm.rms_values()?)
+            else {
+                return Ok(None);
+            };
+            let mut bias: [Option<Vec<f32>>; 7] = Default::default();
+            for (slot, l) in bias.iter_mut().zip(linears) {
+                *slot = l.bias_values()?;
+            }
+            plans.push(LayerPlan {
+                attn_norm,
+                mlp_norm,
+                bias,
+            });
+        }
+        Ok(Some(Self {
+            layers: plans,
+            norm,
+        }))
+    }
+}
+
+/// Rows `rows` of the outputs of several matrices stacked one after another (q/k/v, gate/up)
+/// for the same quantized input, plus their biases, into `out`.
+fn stacked_rows(
+    parts: &[(&QWeight, Option<&[f32]>)],
+    x: &QInput,
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    let mut first = 0;
+    for &(w, bias) in parts {
+        let n = w.dims().0;
+        let (lo, hi) = (rows.start.max(first), rows.end.min(first + n));
+        if lo < hi {
+            let o = &mut out[lo - rows.start..hi - rows.start];
+            w.rows_into(x, lo - first..hi - first, o);
+            if let Some(b) = bias {
+                for (o, &b) in o.iter_mut().zip(&b[lo - first..hi - first]) {
+                    *o += b;
+                }
+            }
+        }
+        first += n;
+    }
+}
+
+/// Rows per chunk of a split product: small enough that a member slowed by another process
+/// leaves its share to the others, large enough that taking a chunk costs nothing.
+fn chunk_rows(rows: usize, members: usize) -> usize {
+    (rows / (members * 8)).clamp(8, 256)
+}
+
+impl Llama {
+    /// One new token `id` at position `cache.len()` of a single sequence: its next-token logits,
+    /// computed without the tensor graph by a team of `rayon::current_num_threads()` threads
+    /// ([`kiln_nn::team`]) that run every layer together: each member normalizes and quantizes
+    /// its own copy of the (576-float) activations, the projections' rows and the attention heads
+    /// are split among the members, and member 0 appends the keys and values to the cache. The
+    /// graph's kernels do the arithmetic (the same block dot products, norm, rotation, attention
+    /// and SwiGLU rows), so the logits equal [`Self::forward_graph`]'s bit for bit.
+    ///
+    /// Returns `Ok(None)` for models the step does not cover (see [`DecodePlan`]).
+    pub fn decode_token(&self, id: u32, cache: &mut KvCache) -> Result<Option<Vec<f32>>> {
+        let Some(plan) = &self.decode else {
+            return Ok(None);
+        };
+        let cfg = &self.cfg;
+        let pos = cache.len();
+        let ids = Tensor::from_slice(&[id], (1, 1), &self.device).map_err(nn("token id"))?;
+        self.check_ids(&ids, pos, 1)?;
+        let x0 = self
+            .embed
+            .forward(&ids)?
+            .flatten_all()
+            .and_then(|x| x.to_vec1::<f32>())
+            .map_err(nn("embedding row"))?;
+        let (cos, sin) = self.rope.cos_sin_values(pos, 1);
+        let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
+        let (qdim, kvdim, ff) = (nh * hd, nkv * hd, cfg.intermediate_size);
+        let members = rayon::current_num_threads();
+        let qkv = SharedBuf::<f32>::new(qdim + 2 * kvdim);
+        let att = SharedBuf::<f32>::new(qdim);
+        let proj = SharedBuf::<f32>::new(cfg.hidden_size);
+        let gu = SharedBuf::<f32>::new(2 * ff);
+        let logits = SharedBuf::<f32>::new(cfg.vocab_size);
+        let kv: Vec<OnceLock<(Tensor, Tensor)>> =
+            (0..cfg.num_layers).map(|_| OnceLock::new()).collect();
+        let cache = Mutex::new(cache);
+        let failure: Mutex<Option<ModelError>> = Mutex::new(None);
+        let failed = AtomicBool::new(false);
+        let fail = |e: ModelError| {
+            failure
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert(e);
+            failed.store(true, Ordering::Relaxed);
+        };
+        team::run(members, |m| {
+            let mut x = x0.clone();
+            let mut h = vec![0f32; cfg.hidden_size];
+            let mut q = vec![0f32; qdim];
+            let mut act = vec![0f32; ff];
+            for (l, (layer, lp)) in self.layers.iter().zip(&plan.layers).enumerate() {
+                let Mlp::SwiGlu(mlp) = &layer.mlp else {
+                    unreachable!("the decode plan checked the MLP")
+                };
+                let bias = |i: usize| lp.bias[i].as_deref();
+                // Attention: q, k and v rows split among the members.
+                rows::rms_norm(&x, &lp.attn_norm.0, lp.attn_norm.1, &mut h);
+                let (wq, wk, wv) = (blocks(&layer.q), blocks(&layer.k), blocks(&layer.v));
+                let xq = quant(wq, &h);
+                let parts = [(wq, bias(0)), (wk, bias(1)), (wv, bias(2))];
+                m.split(
+                    &qkv,
+                    qdim + 2 * kvdim,
+                    chunk_rows(qdim + 2 * kvdim, members),
+                    |r, o| stacked_rows(&parts, &xq, r, o),
+                );
+                // SAFETY (each `get` below): read after the barrier that ended the phase writing
+                // the buffer, and before the next phase writing it begins (every phase between
+                // ends in a barrier).
+                let y = unsafe { qkv.get() };
+                m.single(|| {
+                    let mut k = vec![0f32; kvdim];
+                    for (src, dst) in y[qdim..qdim + kvdim]
+                        .chunks_exact(hd)
+                        .zip(k.chunks_exact_mut(hd))
+                    {
+                        self.rope.rotate_head(src, &cos, &sin, dst);
+                    }
+                    let v = y[qdim + kvdim..].to_vec();
+                    let appended = Tensor::from_vec(k, (1, nkv, 1, hd), &self.device)
+                        .and_then(|k| Ok((k, Tensor::from_vec(v, (1, nkv, 1, hd), &self.device)?)))
+                        .map_err(nn("new keys and values"))
+                        .and_then(|(k, v)| {
+                            let mut c = cache.lock().unwrap_or_else(|p| p.into_inner());
+                            Ok(c.append(l, &k, &v)?)
+                        });
+                    match appended {
+                        Ok(kv_l) => {
+                            let _ = kv[l].set(kv_l);
+                        }
+                        Err(e) => fail(e),
+                    }
+                });
+                if failed.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Some((kl, vl)) = kv[l].get() else {
+                    return;
+                };
+                for (src, dst) in y[..qdim].chunks_exact(hd).zip(q.chunks_exact_mut(hd)) {
+                    self.rope.rotate_head(src, &cos, &sin, dst);
+                }
+                m.split(&att, nh, 1, |heads, o| {
+                    let done = kiln_nn::with_cached_kv(kl, vl, |view| {
+                        for (hh, o) in heads.zip(o.chunks_exact_mut(hd)) {
+                            view.attend_head(&q, nh, hh, layer.window, o);
+                        }
+                    });
+                    match done {
+                        Ok(Some(())) => {}
+                        Ok(None) => fail(ModelError::Config(
+                            "the KV cache is not a single contiguous sequence".into(),
+                        )),
+                        Err(e) => fail(e.into()),
+                    }
+                });
+                if failed.load(Ordering::Relaxed) {
+                    return;
+                }
+                let wo = blocks(&layer.o);
+                let xq = quant(wo, unsafe { att.get() });
+                m.split(
+                    &proj,
+                    cfg.hidden_size,
+                    chunk_rows(cfg.hidden_size, members),
+                    |r, o| stacked_rows(&[(wo, bias(3))], &xq, r, o),
+                );
+                add(&mut x, unsafe { proj.get() });
+                // MLP: gate and up rows split, then down's.
+                rows::rms_norm(&x, &lp.mlp_norm.0, lp.mlp_norm.1, &mut h);
+                let (wg, wu, wd) = (blocks(&mlp.gate), blocks(&mlp.up), blocks(&mlp.down));
+                let xq = quant(wg, &h);
+                let parts = [(wg, bias(4)), (wu, bias(5))];
+                m.split(&gu, 2 * ff, chunk_rows(2 * ff, members), |r, o| {
+                    stacked_rows(&parts, &xq, r, o)
+                });
+                let g = unsafe { gu.get() };
+                rows::swiglu(&g[..ff], &g[ff..], &mut act);
+                let xq = quant(wd, &act);
+                m.split(
+                    &proj,
+                    cfg.hidden_size,
+                    chunk_rows(cfg.hidden_size, members),
+                    |r, o| stacked_rows(&[(wd, bias(6))], &xq, r, o),
+                );
+                add(&mut x, unsafe { proj.get() });
+            }
+            rows::rms_norm(&x, &plan.norm.0, plan.norm.1, &mut h);
+            let head = blocks(&self.lm_head);
+            let xq = quant(head, &h);
+            m.split(
+                &logits,
+                cfg.vocab_size,
+                chunk_rows(cfg.vocab_size, members),
+                |r, o| head.rows_into(&xq, r, o),
+            );
+        });
+        if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(e);
+        }
+        cache
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner())
+            .advance(1);
+        Ok(Some(logits.into_vec()))
+    }
+}
+
+/// A projection's block weight (the decode plan checked every projection has one).
+fn blocks(l: &Linear) -> &QWeight {
+    l.blocks()
+        .expect("the decode plan checked every projection")
+}
+
+/// `x` quantized for `w` (whose row length the plan checked equals `x.len()`).
+fn quant(w: &QWeight, x: &[f32]) -> QInput {
+    w.quantize_input(x)
+        .expect("the decode plan checked every projection's width")
+}
+
+/// The residual add, `x += y`.
+fn add(x: &mut [f32], y: &[f32]) {
+    for (x, &y) in x.iter_mut().zip(y) {
+        *x += y;
     }
 }
 

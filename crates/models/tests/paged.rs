@@ -3,53 +3,10 @@
 //! every sequence, whatever else shares its step, however its prompt is chunked and wherever its
 //! blocks lie in the pool.
 
-use kiln_models::{Config, Llama, PagedStep};
-use kiln_nn::candle_core::{Device, Tensor};
-use kiln_nn::RopeScaling;
+mod common;
 
-fn tiny(style: kiln_models::llama::Style, window: Option<usize>, bias: bool) -> Llama {
-    let cfg = Config {
-        vocab_size: 97,
-        hidden_size: 32,
-        intermediate_size: 48,
-        num_layers: 2,
-        num_heads: 4,
-        num_kv_heads: 2,
-        head_dim: 8,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        rope_scaling: RopeScaling::None,
-        max_position_embeddings: 64,
-        tie_word_embeddings: false,
-        qkv_bias: bias,
-        o_bias: false,
-        mlp_bias: false,
-        sliding_window: window,
-        sliding_window_from_layer: 0,
-        style,
-    };
-    let mut state = 7u64;
-    let make: kiln_nn::MakeTensor = Box::new(move |name: &str, shape: &[usize]| {
-        let n: usize = shape.iter().product();
-        let norm = name.contains("norm") && !name.ends_with("bias");
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                let r = ((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5;
-                if norm {
-                    1.0 + 0.2 * r
-                } else {
-                    0.4 * r
-                }
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu)
-            .map_err(|source| kiln_nn::NnError::Candle { op: "init", source })
-    });
-    Llama::init(cfg, make).unwrap()
-}
+use common::tiny;
+use kiln_models::{Llama, PagedStep};
 
 fn solo_logits(model: &Llama, tokens: &[u32]) -> Vec<Vec<f32>> {
     // Logits after each prefix length from 3 on: prefill 3 tokens, then one at a time.

@@ -195,6 +195,121 @@ pub fn cached_attention(
     let (b, hq, t, d) = q.dims4().op("attention q dims")?;
     let (_, hkv, s, _) = k.dims4().op("attention k dims")?;
     check_heads(hq, hkv, t, s)?;
+    if b != 1 {
+        return causal_attention(q, k, v, window);
+    }
+    let qv = q
+        .contiguous()
+        .and_then(|q| q.flatten_all())
+        .and_then(|q| q.to_vec1::<f32>())
+        .op("attention q")?;
+    let out = with_kv_slices(k, v, |kv| {
+        let seq = [crate::PagedSeq {
+            blocks: &[0],
+            start: s - t,
+            len: t,
+            offset: 0,
+        }];
+        crate::paged_kv::attend_blocks(&kv.job(&qv, hq, t, &seq, window))
+    })?;
+    match out {
+        Some(out) => Tensor::from_vec(out, (1, hq, t, d), q.device()).op("attention out"),
+        None => causal_attention(q, k, v, window),
+    }
+}
+
+/// One layer of a [`crate::KvCache`] for a single sequence, the key and value tensors
+/// [`crate::KvCache::append`] returned, seen as slices: for callers that attend the query heads of
+/// one new token on their own threads ([`CachedKv::attend_head`]). Calls `f` with the view while
+/// the tensors' storage is borrowed; `Ok(None)` when they are not such a cache (another layout,
+/// dtype or device).
+pub fn with_cached_kv<R>(
+    k: &Tensor,
+    v: &Tensor,
+    f: impl FnOnce(&CachedKv<'_>) -> R,
+) -> Result<Option<R>> {
+    with_kv_slices(k, v, f)
+}
+
+/// See [`with_cached_kv`].
+pub struct CachedKv<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    kv_heads: usize,
+    head_dim: usize,
+    capacity: usize,
+    len: usize,
+}
+
+impl CachedKv<'_> {
+    fn job<'j>(
+        &'j self,
+        q: &'j [f32],
+        q_heads: usize,
+        rows: usize,
+        seqs: &'j [crate::PagedSeq<'j>],
+        window: Option<usize>,
+    ) -> crate::paged_kv::Job<'j> {
+        crate::paged_kv::Job {
+            k: self.k,
+            v: self.v,
+            geometry: crate::paged_kv::Geometry {
+                kv_heads: self.kv_heads,
+                head_dim: self.head_dim,
+                block_size: self.capacity,
+            },
+            q,
+            q_heads,
+            rows,
+            seqs,
+            window,
+            scale: 1.0 / (self.head_dim as f32).sqrt(),
+        }
+    }
+
+    /// Query head `h` of one token at the last cached position: `q` holds all `q_heads` heads
+    /// (`[head][head_dim]`, rotated), the result goes to `out` (`head_dim`). Bit-identical to
+    /// that head of [`cached_attention`].
+    ///
+    /// # Panics
+    /// If `q` or `out` have the wrong length, `h >= q_heads` or the heads do not group evenly.
+    pub fn attend_head(
+        &self,
+        q: &[f32],
+        q_heads: usize,
+        h: usize,
+        window: Option<usize>,
+        out: &mut [f32],
+    ) {
+        let d = self.head_dim;
+        assert!(
+            q.len() == q_heads * d
+                && out.len() == d
+                && h < q_heads
+                && q_heads.is_multiple_of(self.kv_heads)
+                && self.len > 0,
+            "attend_head: shapes"
+        );
+        let seq = [crate::PagedSeq {
+            blocks: &[0],
+            start: self.len - 1,
+            len: 1,
+            offset: 0,
+        }];
+        // The kernel accumulates into its output.
+        out.fill(0.0);
+        crate::paged_kv::head_task(&self.job(q, q_heads, 1, &seq, window), h, out);
+    }
+}
+
+/// `k`, `v` (1, H_kv, S, D) views of a (1, H_kv, capacity, D) f32 CPU buffer -> `f` over the
+/// buffers, or `None` when they are not laid out like that.
+fn with_kv_slices<R>(
+    k: &Tensor,
+    v: &Tensor,
+    f: impl FnOnce(&CachedKv<'_>) -> R,
+) -> Result<Option<R>> {
+    let (b, hkv, s, d) = k.dims4().op("attention k dims")?;
     let fits = |x: &Tensor| {
         let l = x.layout();
         let st = l.stride();
@@ -207,44 +322,31 @@ pub fn cached_attention(
             && st[1].is_multiple_of(d)
             && st[1] / d >= s
     };
-    if b != 1 || !fits(k) || !fits(v) || k.layout().stride() != v.layout().stride() {
-        return causal_attention(q, k, v, window);
+    if b != 1
+        || v.dims() != k.dims()
+        || !fits(k)
+        || !fits(v)
+        || k.layout().stride() != v.layout().stride()
+    {
+        return Ok(None);
     }
     let capacity = k.layout().stride()[1] / d;
-    let qv = q
-        .contiguous()
-        .and_then(|q| q.flatten_all())
-        .and_then(|q| q.to_vec1::<f32>())
-        .op("attention q")?;
     let (ks, _) = k.storage_and_layout();
     let (vs, _) = v.storage_and_layout();
     let (candle_core::Storage::Cpu(kc), candle_core::Storage::Cpu(vc)) = (&*ks, &*vs) else {
-        return causal_attention(q, k, v, window);
+        return Ok(None);
     };
     let (kd, vd) = (
         kc.as_slice::<f32>().op("kv cache keys")?,
         vc.as_slice::<f32>().op("kv cache values")?,
     );
-    let seq = [crate::PagedSeq {
-        blocks: &[0],
-        start: s - t,
-        len: t,
-        offset: 0,
-    }];
-    let out = crate::paged_kv::attend_blocks(&crate::paged_kv::Job {
+    let view = CachedKv {
         k: &kd[..hkv * capacity * d],
         v: &vd[..hkv * capacity * d],
-        geometry: crate::paged_kv::Geometry {
-            kv_heads: hkv,
-            head_dim: d,
-            block_size: capacity,
-        },
-        q: &qv,
-        q_heads: hq,
-        rows: t,
-        seqs: &seq,
-        window,
-        scale: 1.0 / (d as f32).sqrt(),
-    });
-    Tensor::from_vec(out, (1, hq, t, d), q.device()).op("attention out")
+        kv_heads: hkv,
+        head_dim: d,
+        capacity,
+        len: s,
+    };
+    Ok(Some(f(&view)))
 }

@@ -57,6 +57,48 @@ use candle_core::{
 };
 use std::sync::Mutex;
 
+/// Row forms of the kernels below for callers that run their own threads (the one-token decode
+/// step, `kiln_nn::team`): the same arithmetic as the tensor ops, so the same bits.
+pub mod rows {
+    /// One row of [`super::rms_norm`]: `y = x / sqrt(mean(x^2) + eps) * w`.
+    ///
+    /// # Panics
+    /// If `x`, `w` and `y` differ in length.
+    pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
+        assert!(
+            x.len() == w.len() && y.len() == w.len(),
+            "rows::rms_norm lengths"
+        );
+        super::norm::rms_fwd_task(x, w, eps, y);
+    }
+
+    /// [`super::swiglu`] elementwise: `y = silu(gate) * up`.
+    ///
+    /// # Panics
+    /// If the lengths differ.
+    pub fn swiglu(gate: &[f32], up: &[f32], y: &mut [f32]) {
+        assert!(
+            gate.len() == up.len() && y.len() == up.len(),
+            "rows::swiglu lengths"
+        );
+        super::activation::swiglu_task(gate, up, y);
+    }
+
+    /// One head of [`super::rope`] at one position (`cos`, `sin`: that position's `d / 2`
+    /// values), half-split layout.
+    ///
+    /// # Panics
+    /// If `x` and `y` are not `2 * cos.len()` long.
+    pub fn rope_half_split(x: &[f32], cos: &[f32], sin: &[f32], y: &mut [f32]) {
+        let d = x.len();
+        assert!(
+            d == 2 * cos.len() && sin.len() == cos.len() && y.len() == d,
+            "rows::rope lengths"
+        );
+        super::rope::rope_task(x, cos, sin, 1.0, d, y);
+    }
+}
+
 /// `x` (..., K), `weight` (N, K), optional `bias` (N): `x W^T + b` -> (..., N). Grads to all.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     const OP: &str = "fused::linear";

@@ -30,11 +30,12 @@ mod optim;
 mod paged_kv;
 pub mod qkernels;
 mod rope;
+pub mod team;
 mod weights;
 
 pub use attention::{
     cached_attention, causal_attention, causal_attention_padded, causal_attention_reference,
-    repeat_kv,
+    repeat_kv, with_cached_kv, CachedKv,
 };
 pub use kv_cache::KvCache;
 pub use linear::{Embedding, Linear};

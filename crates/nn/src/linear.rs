@@ -131,6 +131,45 @@ impl Linear {
         matches!(self.weight, Weight::Quantized(_) | Weight::Blocks(_))
     }
 
+    /// The weight when it is kept in kiln's own block format (Q4_0 / Q4_1 / Q8_0 on the CPU):
+    /// what a caller that splits the rows among its own threads multiplies by.
+    pub fn blocks(&self) -> Option<&QWeight> {
+        match &self.weight {
+            Weight::Blocks(q) => Some(q),
+            _ => None,
+        }
+    }
+
+    /// This layer with its weight quantized in memory to a GGUF block type (`Q8_0`, `Q4_1`, ...;
+    /// the input size must be a multiple of the type's block). An already quantized layer is
+    /// returned as it is.
+    pub fn quantize(&self, dtype: GgmlDType) -> Result<Linear> {
+        let Weight::Dense(w) = &self.weight else {
+            return Ok(self.clone());
+        };
+        if !self.in_features.is_multiple_of(dtype.block_size()) {
+            return Err(crate::NnError::Config {
+                what: "quantize",
+                reason: format!(
+                    "{dtype:?} needs rows of whole {}-element blocks, the layer's are {}",
+                    dtype.block_size(),
+                    self.in_features
+                ),
+            });
+        }
+        let q = QTensor::quantize(w, dtype).op("quantize")?;
+        Linear::from_qtensor(Arc::new(q), self.bias.clone())
+    }
+
+    /// The bias as f32 values, if the layer has one.
+    pub fn bias_values(&self) -> Result<Option<Vec<f32>>> {
+        self.bias
+            .as_ref()
+            .map(|b| b.flatten_all().and_then(|b| b.to_vec1::<f32>()))
+            .transpose()
+            .op("linear bias values")
+    }
+
     /// The weight as a dense f32 tensor (dequantized if needed): the reference path for tests.
     pub fn dequantized_weight(&self) -> Result<Tensor> {
         match &self.weight {

@@ -57,6 +57,18 @@ pub enum Norm {
 }
 
 impl Norm {
+    /// RMSNorm's weight values and epsilon (`None` for LayerNorm), for callers that normalize
+    /// rows themselves with [`crate::fused::rms_norm_row`].
+    pub fn rms_values(&self) -> Result<Option<(Vec<f32>, f32)>> {
+        match self {
+            Norm::Rms(n) => Ok(Some((
+                n.weight.to_vec1::<f32>().op("rmsnorm weight values")?,
+                n.eps,
+            ))),
+            Norm::Layer(_) => Ok(None),
+        }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Norm::Rms(n) => n.forward(x),

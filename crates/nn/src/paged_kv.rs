@@ -268,7 +268,7 @@ pub(crate) fn attend_blocks(job: &Job) -> Vec<f32> {
 crate::fused::simd::multiversion!(
     /// Query head `h` of every sequence, into `out` (`[row][d]` of that head), compiled for the
     /// best instruction set the CPU has (8-wide FMA and a vectorised `exp` on AVX2).
-    fn head_task = head_generic(job: &Job, h: usize, out: &mut [f32]);
+    pub(crate) fn head_task = head_generic(job: &Job, h: usize, out: &mut [f32]);
 );
 
 #[inline(always)]

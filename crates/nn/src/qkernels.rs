@@ -110,6 +110,13 @@ pub struct XPair {
     s: [f32; 2],
 }
 
+/// One activation row quantized by [`QWeight::quantize_input`].
+pub struct QInput {
+    rows: XRows,
+    cols: usize,
+    kernel: Kernel,
+}
+
 /// Rows of activation blocks, pairs for the 512-bit kernel.
 fn pack_pairs(xq: &[XBlock], nb: usize) -> Vec<XPair> {
     let np = nb.div_ceil(2);
@@ -504,6 +511,43 @@ impl QWeight {
             tasks.into_iter().for_each(run);
         }
         Some(outs)
+    }
+
+    /// One activation row quantized for this matrix's kernels (the blocks [`QWeight::matmul`]
+    /// makes of it), to multiply by ranges of rows with [`QWeight::rows_into`]. `None` unless
+    /// `x.len()` is the matrix's row length.
+    pub fn quantize_input(&self, x: &[f32]) -> Option<QInput> {
+        let k = self.cols;
+        if k == 0 || x.len() != k {
+            return None;
+        }
+        let kernel = Kernel::detect();
+        let rows = XRows::for_kernel(quantize_rows(x, k), k / BLOCK, kernel);
+        Some(QInput {
+            rows,
+            cols: k,
+            kernel,
+        })
+    }
+
+    /// Rows `rows` of `x W^T` for one quantized row `x` into `out` (`rows.len()` values), each
+    /// bit-identical to the same element of [`QWeight::matmul`]. This is the unit of work a
+    /// caller splits among its own threads.
+    ///
+    /// # Panics
+    /// If `x` was quantized for a different row length, `rows` runs past the matrix or `out` is
+    /// not `rows.len()` long (caller bugs, not data errors).
+    pub fn rows_into(&self, x: &QInput, rows: std::ops::Range<usize>, out: &mut [f32]) {
+        assert_eq!(
+            x.cols, self.cols,
+            "rows_into: input quantized for another width"
+        );
+        assert!(rows.end <= self.rows, "rows_into: rows past the matrix");
+        assert_eq!(out.len(), rows.len(), "rows_into: output length");
+        let nb = self.cols / BLOCK;
+        for (j, o) in rows.zip(out) {
+            self.row_dot(j, nb, &x.rows, 1, std::slice::from_mut(o), x.kernel);
+        }
     }
 
     /// Weight row `j` against the `out.len()` (1..=`tile_rows`) activation rows from row `r0` of

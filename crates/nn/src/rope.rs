@@ -245,6 +245,15 @@ impl RotaryEmbedding {
 
     /// cos and sin tables for positions `start..start + len`, each (len, head_dim / 2).
     pub fn cos_sin(&self, start: usize, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+        let half = self.head_dim / 2;
+        let (cos, sin) = self.cos_sin_values(start, len);
+        let cos = Tensor::from_vec(cos, (len, half), device).op("rope cos")?;
+        let sin = Tensor::from_vec(sin, (len, half), device).op("rope sin")?;
+        Ok((cos, sin))
+    }
+
+    /// The values of [`Self::cos_sin`]: `len` rows of `head_dim / 2`.
+    pub fn cos_sin_values(&self, start: usize, len: usize) -> (Vec<f32>, Vec<f32>) {
         let dynamic;
         let inv_freq: &[f32] = match self.scaling {
             RopeScaling::DynamicNtk {
@@ -272,9 +281,31 @@ impl RotaryEmbedding {
                 sin.push(a.sin() * self.attention_scaling);
             }
         }
-        let cos = Tensor::from_vec(cos, (len, half), device).op("rope cos")?;
-        let sin = Tensor::from_vec(sin, (len, half), device).op("rope sin")?;
-        Ok((cos, sin))
+        (cos, sin)
+    }
+
+    /// One head `x` at one position rotated into `y`, with that position's row of
+    /// [`Self::cos_sin_values`]: the arithmetic of [`Self::apply`] for either layout, so the same
+    /// bits (for callers that run their own threads over heads).
+    ///
+    /// # Panics
+    /// If `x` or `y` is not `head_dim` long or the tables not `head_dim / 2`.
+    pub fn rotate_head(&self, x: &[f32], cos: &[f32], sin: &[f32], y: &mut [f32]) {
+        match self.layout {
+            RopeLayout::HalfSplit => crate::fused::rows::rope_half_split(x, cos, sin, y),
+            RopeLayout::Interleaved => {
+                // candle-nn's `rope_i` CPU kernel, element for element (no FMA there either).
+                assert!(
+                    x.len() == 2 * cos.len() && sin.len() == cos.len() && y.len() == x.len(),
+                    "rotate_head lengths"
+                );
+                for (i, (&c, &s)) in cos.iter().zip(sin).enumerate() {
+                    let (a, b) = (x[2 * i], x[2 * i + 1]);
+                    y[2 * i] = a * c - b * s;
+                    y[2 * i + 1] = a * s + b * c;
+                }
+            }
+        }
     }
 
     /// Rotates `x` (B, H, T, D) with tables from [`Self::cos_sin`] covering its T positions.

@@ -104,7 +104,7 @@ fn swiglu_chunk<I: Isa>(gate: &[f32], up: &[f32], y: &mut [f32]) {
         *y = g * s * u;
     }
 }
-multiversion!(fn swiglu_task = swiglu_chunk(gate: &[f32], up: &[f32], y: &mut [f32]););
+multiversion!(pub(super) fn swiglu_task = swiglu_chunk(gate: &[f32], up: &[f32], y: &mut [f32]););
 
 #[inline(always)]
 fn swiglu_bwd_chunk<I: Isa>(gate: &[f32], up: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {

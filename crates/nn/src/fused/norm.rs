@@ -77,7 +77,7 @@ fn rms_fwd_chunk<I: Isa>(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
         }
     }
 }
-multiversion!(fn rms_fwd_task = rms_fwd_chunk(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]););
+multiversion!(pub(super) fn rms_fwd_task = rms_fwd_chunk(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]););
 
 /// RMSNorm forward: rows of `x` (len a multiple of `w.len()`).
 pub(super) fn rms_fwd(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {

@@ -39,7 +39,7 @@ fn rope_head<I: Isa>(x: &[f32], cos: &[f32], sin: &[f32], sign: f32, d: usize, y
         }
     }
 }
-multiversion!(fn rope_task = rope_head(
+multiversion!(pub(super) fn rope_task = rope_head(
     x: &[f32], cos: &[f32], sin: &[f32], sign: f32, d: usize, y: &mut [f32],
 ););
 
