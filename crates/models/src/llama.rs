@@ -998,7 +998,11 @@ impl Llama {
         cache: &mut KvCache,
         pad: &[usize],
     ) -> Result<Tensor> {
-        if input_ids.dims() == [1, 1] && pad.iter().all(|&p| p == 0) && self.decode.is_some() {
+        if input_ids.dims() == [1, 1]
+            && pad.iter().all(|&p| p == 0)
+            && self.decode.is_some()
+            && decode_step_enabled()
+        {
             let id = input_ids
                 .to_dtype(DType::U32)
                 .and_then(|t| t.flatten_all())
@@ -1464,6 +1468,12 @@ impl Llama {
             .advance(1);
         Ok(Some(logits.into_vec()))
     }
+}
+
+/// `KILN_DECODE_STEP=graph` sends one-token steps through the tensor graph too (for A/B runs).
+fn decode_step_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("KILN_DECODE_STEP").map_or(true, |v| v != "graph"))
 }
 
 /// A projection's block weight (the decode plan checked every projection has one).

@@ -96,7 +96,7 @@ impl Member<'_> {
     ) {
         let chunk = chunk.max(1);
         let chunks = total.div_ceil(chunk);
-        let width = if total == 0 { 0 } else { out.len / total };
+        let width = out.len.checked_div(total).unwrap_or(0);
         assert_eq!(
             width * total,
             out.len,
@@ -156,6 +156,8 @@ impl<T> SharedBuf<T> {
 
     /// # Safety
     /// `range` must not overlap a range any other thread is accessing.
+    // The cells are `UnsafeCell`s: handing out `&mut` from `&self` is the point of the type.
+    #[allow(clippy::mut_from_ref)]
     unsafe fn slice_mut(&self, range: Range<usize>) -> &mut [T] {
         let cells = &self.data[range];
         // SAFETY: `UnsafeCell<T>` has the layout of `T`; exclusivity is the caller's promise.
