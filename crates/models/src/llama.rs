@@ -1352,6 +1352,16 @@ impl Llama {
             let mut h = vec![0f32; cfg.hidden_size];
             let mut q = vec![0f32; qdim];
             let mut act = vec![0f32; ff];
+            // `input` times the matrices of `parts` stacked (plus biases) into `out`, its rows
+            // split among the members.
+            let project =
+                |parts: &[(&QWeight, Option<&[f32]>)], input: &[f32], out: &SharedBuf<f32>| {
+                    let xq = quant(parts[0].0, input);
+                    let rows = out.len();
+                    m.split(out, rows, chunk_rows(rows, members), |r, o| {
+                        stacked_rows(parts, &xq, r, o)
+                    });
+                };
             for (l, (layer, lp)) in self.layers.iter().zip(&plan.layers).enumerate() {
                 let Mlp::SwiGlu(mlp) = &layer.mlp else {
                     unreachable!("the decode plan checked the MLP")
@@ -1359,15 +1369,12 @@ impl Llama {
                 let bias = |i: usize| lp.bias[i].as_deref();
                 // Attention: q, k and v rows split among the members.
                 rows::rms_norm(&x, &lp.attn_norm.0, lp.attn_norm.1, &mut h);
-                let (wq, wk, wv) = (blocks(&layer.q), blocks(&layer.k), blocks(&layer.v));
-                let xq = quant(wq, &h);
-                let parts = [(wq, bias(0)), (wk, bias(1)), (wv, bias(2))];
-                m.split(
-                    &qkv,
-                    qdim + 2 * kvdim,
-                    chunk_rows(qdim + 2 * kvdim, members),
-                    |r, o| stacked_rows(&parts, &xq, r, o),
-                );
+                let qkv_parts = [
+                    (blocks(&layer.q), bias(0)),
+                    (blocks(&layer.k), bias(1)),
+                    (blocks(&layer.v), bias(2)),
+                ];
+                project(&qkv_parts, &h, &qkv);
                 // SAFETY (each `get` below): read after the barrier that ended the phase writing
                 // the buffer, and before the next phase writing it begins (every phase between
                 // ends in a barrier).
@@ -1421,43 +1428,19 @@ impl Llama {
                 if failed.load(Ordering::Relaxed) {
                     return;
                 }
-                let wo = blocks(&layer.o);
-                let xq = quant(wo, unsafe { att.get() });
-                m.split(
-                    &proj,
-                    cfg.hidden_size,
-                    chunk_rows(cfg.hidden_size, members),
-                    |r, o| stacked_rows(&[(wo, bias(3))], &xq, r, o),
-                );
+                project(&[(blocks(&layer.o), bias(3))], unsafe { att.get() }, &proj);
                 add(&mut x, unsafe { proj.get() });
                 // MLP: gate and up rows split, then down's.
                 rows::rms_norm(&x, &lp.mlp_norm.0, lp.mlp_norm.1, &mut h);
-                let (wg, wu, wd) = (blocks(&mlp.gate), blocks(&mlp.up), blocks(&mlp.down));
-                let xq = quant(wg, &h);
-                let parts = [(wg, bias(4)), (wu, bias(5))];
-                m.split(&gu, 2 * ff, chunk_rows(2 * ff, members), |r, o| {
-                    stacked_rows(&parts, &xq, r, o)
-                });
+                let gate_up = [(blocks(&mlp.gate), bias(4)), (blocks(&mlp.up), bias(5))];
+                project(&gate_up, &h, &gu);
                 let g = unsafe { gu.get() };
                 rows::swiglu(&g[..ff], &g[ff..], &mut act);
-                let xq = quant(wd, &act);
-                m.split(
-                    &proj,
-                    cfg.hidden_size,
-                    chunk_rows(cfg.hidden_size, members),
-                    |r, o| stacked_rows(&[(wd, bias(6))], &xq, r, o),
-                );
+                project(&[(blocks(&mlp.down), bias(6))], &act, &proj);
                 add(&mut x, unsafe { proj.get() });
             }
             rows::rms_norm(&x, &plan.norm.0, plan.norm.1, &mut h);
-            let head = blocks(&self.lm_head);
-            let xq = quant(head, &h);
-            m.split(
-                &logits,
-                cfg.vocab_size,
-                chunk_rows(cfg.vocab_size, members),
-                |r, o| head.rows_into(&xq, r, o),
-            );
+            project(&[(blocks(&self.lm_head), None)], &h, &logits);
         });
         if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
             return Err(e);
