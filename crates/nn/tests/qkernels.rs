@@ -239,3 +239,22 @@ fn one_row_against_many_matrices_equals_each_alone() {
     assert_eq!(many, many2);
     assert!(QWeight::matmul_row_many(&refs, &x[..32]).is_none());
 }
+
+/// Any range of rows through `rows_into` (the decode step's unit of work, four weight rows per
+/// kernel call where it can) equals the same rows of `matmul`, bit for bit.
+#[test]
+fn rows_into_any_range_equals_matmul() {
+    for format in FORMATS {
+        let (n, k) = (45, 160);
+        let w = random_weight(format, n, k, 21);
+        let x = rand_vec(k, 8);
+        let want = w.matmul(&x).unwrap();
+        let xq = w.quantize_input(&x).unwrap();
+        for range in [0..45, 3..45, 7..8, 10..30, 41..45, 5..5] {
+            let mut got = vec![f32::NAN; range.len()];
+            w.rows_into(&xq, range.clone(), &mut got);
+            assert_eq!(&got[..], &want[range.clone()], "{format:?} rows {range:?}");
+        }
+        assert!(w.quantize_input(&x[..128]).is_none(), "a row of the wrong width");
+    }
+}
