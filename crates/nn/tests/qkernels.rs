@@ -255,6 +255,9 @@ fn rows_into_any_range_equals_matmul() {
             w.rows_into(&xq, range.clone(), &mut got);
             assert_eq!(&got[..], &want[range.clone()], "{format:?} rows {range:?}");
         }
-        assert!(w.quantize_input(&x[..128]).is_none(), "a row of the wrong width");
+        assert!(
+            w.quantize_input(&x[..128]).is_none(),
+            "a row of the wrong width"
+        );
     }
 }
