@@ -432,7 +432,7 @@ fn mb(bytes: u64) -> f64 {
 
 /// Runs [`worker`] in a child `kiln` (see [`crate::worker`]).
 fn kiln_in_child(a: &BenchEmbedArgs, threads: usize) -> Result<Measured> {
-    let args: Vec<String> = [
+    let args = [
         "bench",
         "embed",
         "--worker",
@@ -446,12 +446,8 @@ fn kiln_in_child(a: &BenchEmbedArgs, threads: usize) -> Result<Measured> {
         &a.rounds.to_string(),
         "--warmup",
         &a.warmup.to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let out = crate::worker::run_kiln(&args, threads)?;
-    let v: Value = serde_json::from_str(&out).context("parsing the kiln worker's JSON")?;
+    ];
+    let v = crate::worker::run_kiln_json(&args, threads)?;
     parse_measured(&v, "kiln worker")
 }
 

@@ -322,7 +322,7 @@ fn model_cfg(a: &BenchTrainArgs) -> kiln_models::Config {
 
 /// Runs [`worker`] in a child `kiln` (see [`crate::worker`]).
 fn kiln_in_child(a: &BenchTrainArgs, threads: usize) -> Result<Measured> {
-    let args: Vec<String> = [
+    let args = [
         "bench",
         "train",
         "--worker",
@@ -340,12 +340,8 @@ fn kiln_in_child(a: &BenchTrainArgs, threads: usize) -> Result<Measured> {
         &a.depth.to_string(),
         "--vocab",
         &a.vocab.to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let out = crate::worker::run_kiln(&args, threads)?;
-    let v: Value = serde_json::from_str(&out).context("parsing the kiln worker's JSON")?;
+    ];
+    let v = crate::worker::run_kiln_json(&args, threads)?;
     parse_measured(&v, "kiln worker")
 }
 

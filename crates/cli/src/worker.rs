@@ -22,3 +22,12 @@ pub fn run_kiln<S: AsRef<std::ffi::OsStr>>(args: &[S], threads: usize) -> Result
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// [`run_kiln`] for a worker that prints one JSON document.
+pub fn run_kiln_json<S: AsRef<std::ffi::OsStr>>(
+    args: &[S],
+    threads: usize,
+) -> Result<serde_json::Value> {
+    let out = run_kiln(args, threads)?;
+    serde_json::from_str(&out).context("parsing the kiln worker's JSON")
+}
