@@ -362,30 +362,35 @@ pub fn chat(m: Map<String, Value>, limits: &Limits) -> Result<ChatRequest, ApiEr
     Ok(ChatRequest { common, messages })
 }
 
+/// `field` as one text or a non-empty array of texts. A non-empty array that `is_token_ids`
+/// recognises as token ids is refused by name (this server takes text only).
+fn texts(
+    m: &Map<String, Value>,
+    field: &'static str,
+    is_token_ids: impl Fn(&[Value]) -> bool,
+) -> Result<Vec<String>, ApiError> {
+    let bad = |what: String| ApiError::invalid(field, what);
+    match present(m, field) {
+        None => Err(bad(format!("'{field}' is required")).with_code("missing_required_parameter")),
+        Some(Value::String(s)) => Ok(vec![s.clone()]),
+        Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_string) => Ok(a
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect()),
+        Some(Value::Array(a)) if !a.is_empty() && is_token_ids(a) => Err(bad(format!(
+            "'{field}' as token ids is not supported; send text"
+        ))),
+        Some(v) => Err(bad(format!(
+            "'{field}' must be a string or a non-empty array of strings, not {}",
+            kind(v)
+        ))),
+    }
+}
+
 pub fn completion(m: Map<String, Value>, limits: &Limits) -> Result<CompletionRequest, ApiError> {
     let common = common(&m, limits)?;
     let bad = |what: String| ApiError::invalid("prompt", what);
-    let prompts = match present(&m, "prompt") {
-        None => {
-            return Err(bad("'prompt' is required".into()).with_code("missing_required_parameter"))
-        }
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_string) => a
-            .iter()
-            .filter_map(|v| v.as_str().map(str::to_string))
-            .collect(),
-        Some(Value::Array(a)) if a.iter().all(Value::is_number) && !a.is_empty() => {
-            return Err(bad(
-                "'prompt' as token ids is not supported; send text".into()
-            ))
-        }
-        Some(v) => {
-            return Err(bad(format!(
-                "'prompt' must be a string or a non-empty array of strings, not {}",
-                kind(v)
-            )))
-        }
-    };
+    let prompts = texts(&m, "prompt", |a| a.iter().all(Value::is_number))?;
     if prompts.iter().any(|p| p.is_empty()) {
         return Err(bad("'prompt' is empty; send some text".into()));
     }
@@ -410,29 +415,9 @@ pub fn completion(m: Map<String, Value>, limits: &Limits) -> Result<CompletionRe
 pub fn embeddings(m: Map<String, Value>, limits: &Limits) -> Result<EmbeddingRequest, ApiError> {
     let model = required_string(&m, "model")?;
     let bad = |what: String| ApiError::invalid("input", what);
-    let inputs = match present(&m, "input") {
-        None => {
-            return Err(bad("'input' is required".into()).with_code("missing_required_parameter"))
-        }
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_string) => a
-            .iter()
-            .filter_map(|v| v.as_str().map(str::to_string))
-            .collect(),
-        Some(Value::Array(a))
-            if !a.is_empty() && a.iter().all(|v| v.is_number() || v.is_array()) =>
-        {
-            return Err(bad(
-                "'input' as token ids is not supported; send text".into()
-            ))
-        }
-        Some(v) => {
-            return Err(bad(format!(
-                "'input' must be a string or a non-empty array of strings, not {}",
-                kind(v)
-            )))
-        }
-    };
+    let inputs = texts(&m, "input", |a| {
+        a.iter().all(|v| v.is_number() || v.is_array())
+    })?;
     if let Some(i) = inputs.iter().position(|s| s.is_empty()) {
         return Err(bad(format!(
             "'input[{i}]' is empty; every input must hold some text"
