@@ -17,6 +17,7 @@ the loss, which kiln's `train_step` also does). Model creation and the warm-up s
 Peak memory is `ru_maxrss` of this process (KiB on Linux); mode "idle" reports the same for a
 process that only imported torch, so kiln can show the training's own share.
 """
+import contextlib
 import json
 import math
 import os
@@ -117,11 +118,19 @@ def train(args):
     windows = [torch.randint(0, V, (B, T + 1), generator=g) for _ in range(n)]
     batches = [(w[:, :-1].contiguous(), w[:, 1:].contiguous()) for w in windows]
 
+    # bf16: PyTorch's own mixed precision on the CPU (matmuls in bf16, weights and the
+    # optimizer in f32), the counterpart of kiln's --precision bf16.
+    def precision():
+        if args.get("precision") == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     times, losses = [], []
     for i, (x, y) in enumerate(batches):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = model(x, y)
+        with precision():
+            loss = model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, args["grad_clip"])
         opt.step()
@@ -134,6 +143,7 @@ def train(args):
         "threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "params": sum(p.numel() for p in params),
+        "precision": args.get("precision", "f32"),
         "step_s": times,
         "losses": losses,
         "peak_rss_kib": peak_rss_kib(),

@@ -72,6 +72,10 @@ pub struct BenchTrainArgs {
     /// Vocabulary size.
     #[arg(long, default_value_t = 4096)]
     vocab: usize,
+    /// Matmul precision on both sides: f32, or bf16 mixed precision (kiln's bf16 projections;
+    /// PyTorch's `torch.autocast("cpu", dtype=torch.bfloat16)` around the forward pass).
+    #[arg(long, value_enum, default_value = "f32")]
+    precision: crate::train_cmd::PrecisionArg,
     /// A Python interpreter that already has torch, instead of the bench's own venv.
     #[arg(long)]
     python: Option<PathBuf>,
@@ -210,12 +214,17 @@ pub fn run(a: BenchTrainArgs) -> Result<()> {
 
     let params = rows.first().map_or(0, |r| r.1.params);
     print!(
-        "GPT-2 style, depth {}, vocab {}, {:.2} M parameters, batch {} x {} tokens, fp32, AdamW",
+        "GPT-2 style, depth {}, vocab {}, {:.2} M parameters, batch {} x {} tokens, {}, AdamW",
         a.depth,
         a.vocab,
         params as f64 / 1e6,
         a.batch,
-        a.seq_len
+        a.seq_len,
+        match a.precision {
+            crate::train_cmd::PrecisionArg::F32 => "fp32",
+            crate::train_cmd::PrecisionArg::Bf16 =>
+                "bf16 mixed precision (kiln: bf16 projections; PyTorch: CPU autocast bf16)",
+        }
     );
     if let Some(p) = &peer {
         print!("; PyTorch {} ({})", p.torch_version, p.python.display());
@@ -296,6 +305,7 @@ pub fn run(a: BenchTrainArgs) -> Result<()> {
                       "vocab": a.vocab, "params": params},
             "batch": a.batch, "seq_len": a.seq_len, "tokens_per_step": tokens,
             "warmup": a.warmup, "steps": a.steps, "timing": "median step",
+            "precision": a.precision.name(),
             "optimizer": {"name": "adamw", "lr": LR, "beta1": BETA1, "beta2": BETA2,
                           "weight_decay_matrices": WEIGHT_DECAY, "grad_clip": GRAD_CLIP},
             "torch_version": peer.as_ref().map(|p| p.torch_version.clone()),
@@ -340,6 +350,8 @@ fn kiln_in_child(a: &BenchTrainArgs, threads: usize) -> Result<Measured> {
         &a.depth.to_string(),
         "--vocab",
         &a.vocab.to_string(),
+        "--precision",
+        a.precision.name(),
     ];
     let v = crate::worker::run_kiln_json(&args, threads)?;
     parse_measured(&v, "kiln worker")
@@ -393,6 +405,7 @@ fn worker(a: &BenchTrainArgs) -> Result<()> {
     settings.beta2 = BETA2;
     settings.weight_decay = WEIGHT_DECAY;
     settings.grad_clip = GRAD_CLIP;
+    settings.precision = a.precision.get();
     settings.check()?;
     let mut opt = Optimizers::new(&params, &settings)?;
 
@@ -413,22 +426,25 @@ fn worker(a: &BenchTrainArgs) -> Result<()> {
 
     let mut step_s = Vec::with_capacity(a.steps);
     let mut losses = Vec::with_capacity(batches.len());
-    for (i, micro) in batches.into_iter().enumerate() {
-        let t0 = Instant::now();
-        let (loss, _norm) = kiln_train::train_step(
-            &model,
-            &mut opt,
-            std::slice::from_ref(&micro),
-            b,
-            t,
-            GRAD_CLIP,
-        )?;
-        let dt = t0.elapsed().as_secs_f64();
-        losses.push(loss as f64);
-        if i >= a.warmup {
-            step_s.push(dt);
+    kiln_nn::fused::with_matmul_precision(settings.precision.matmul(), || -> Result<()> {
+        for (i, micro) in batches.into_iter().enumerate() {
+            let t0 = Instant::now();
+            let (loss, _norm) = kiln_train::train_step(
+                &model,
+                &mut opt,
+                std::slice::from_ref(&micro),
+                b,
+                t,
+                GRAD_CLIP,
+            )?;
+            let dt = t0.elapsed().as_secs_f64();
+            losses.push(loss as f64);
+            if i >= a.warmup {
+                step_s.push(dt);
+            }
         }
-    }
+        Ok(())
+    })??;
     println!(
         "{}",
         json!({
@@ -520,6 +536,7 @@ fn run_peer(p: &Peer, a: &BenchTrainArgs, threads: usize) -> Result<Measured> {
         "seq_len": a.seq_len, "batch": a.batch, "depth": a.depth,
         "warmup": a.warmup, "steps": a.steps, "lr": LR, "beta1": BETA1, "beta2": BETA2,
         "weight_decay": WEIGHT_DECAY, "grad_clip": GRAD_CLIP,
+        "precision": a.precision.name(),
     }))?;
     let mut m = parse_measured(&v, "PyTorch peer")?;
     m.idle_bytes = idle["peak_rss_kib"].as_u64().unwrap_or(0) * 1024;

@@ -8,7 +8,8 @@ use kiln_engine::{GenerateOptions, SamplingParams, Session};
 use kiln_models::Llama;
 use kiln_tokenizer::Tokenizer;
 use kiln_train::{
-    Dataset, MatrixOptimizer, Observer, Outcome, Schedule, StepMetrics, TrainSettings, Trainer,
+    Dataset, MatrixOptimizer, Observer, Outcome, Precision, Schedule, StepMetrics, TrainSettings,
+    Trainer,
 };
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +29,31 @@ pub enum OptimizerArg {
     Muon,
     /// AdamW for every parameter.
     Adamw,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum PrecisionArg {
+    /// f32 everywhere.
+    F32,
+    /// bf16 operands for the projections' products (summed in f32); f32 weights, gradients and
+    /// optimizer state. Needs AVX-512 BF16.
+    Bf16,
+}
+
+impl PrecisionArg {
+    pub fn get(self) -> Precision {
+        match self {
+            PrecisionArg::F32 => Precision::F32,
+            PrecisionArg::Bf16 => Precision::Bf16,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PrecisionArg::F32 => "f32",
+            PrecisionArg::Bf16 => "bf16",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -89,6 +115,9 @@ pub struct ModelArgs {
     /// Checkpoint every this many steps (0: only at the end or when stopped).
     #[arg(long, default_value_t = 200)]
     pub checkpoint_every: u64,
+    /// Matmul precision of the projections (forward and backward).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub precision: PrecisionArg,
 }
 
 impl ModelArgs {
@@ -129,6 +158,7 @@ impl ModelArgs {
         s.eval_every = self.eval_every;
         s.eval_windows = self.eval_windows;
         s.checkpoint_every = self.checkpoint_every;
+        s.precision = self.precision.get();
         s
     }
 }

@@ -44,6 +44,8 @@
 
 mod activation;
 mod attention;
+#[cfg(target_arch = "x86_64")]
+mod bf16;
 mod cross_entropy;
 mod encoder_attention;
 mod linear;
@@ -55,7 +57,61 @@ use crate::{NnError, OpContext, Result};
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, StorageRef, Tensor,
 };
+use std::cell::Cell;
 use std::sync::Mutex;
+
+/// The arithmetic of [`linear`]'s three products (forward, `dx`, `dW`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MatmulPrecision {
+    /// f32 operands and sums (the `gemm` crate).
+    #[default]
+    F32,
+    /// Operands rounded to bf16 (nearest even), products summed in f32, outputs f32: the
+    /// mixed precision of `torch.autocast(dtype=bfloat16)` for matmuls, with f32 weights,
+    /// gradients and optimizer state. Needs AVX-512 BF16 ([`bf16_available`]); see
+    /// `fused/bf16.rs`.
+    Bf16,
+}
+
+thread_local! {
+    static PRECISION: Cell<MatmulPrecision> = const { Cell::new(MatmulPrecision::F32) };
+}
+
+/// Whether this CPU runs [`MatmulPrecision::Bf16`] (AVX-512 F, BW and BF16).
+pub fn bf16_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        bf16::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The precision [`linear`] uses on this thread now.
+pub fn matmul_precision() -> MatmulPrecision {
+    PRECISION.with(Cell::get)
+}
+
+/// Runs `f` with [`linear`] on this thread in `precision` (restored afterwards, also when `f`
+/// panics). An op keeps the precision it was built with, so its backward, run later, matches
+/// its forward. Errors, without running `f`, for `Bf16` on a CPU without AVX-512 BF16.
+pub fn with_matmul_precision<R>(precision: MatmulPrecision, f: impl FnOnce() -> R) -> Result<R> {
+    if precision == MatmulPrecision::Bf16 && !bf16_available() {
+        return Err(NnError::Unsupported(
+            "bf16 matmuls need a CPU with AVX-512 BF16 (avx512_bf16), which this one lacks; use f32".into(),
+        ));
+    }
+    struct Restore(MatmulPrecision);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            PRECISION.with(|p| p.set(self.0));
+        }
+    }
+    let _restore = Restore(PRECISION.with(|p| p.replace(precision)));
+    Ok(f())
+}
 
 /// Row forms of the kernels below for callers that run their own threads (the one-token decode
 /// step, `kiln_nn::team`): the same arithmetic as the tensor ops, so the same bits.
@@ -117,13 +173,14 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     }
     let x = x.contiguous().op(OP)?;
     let w = weight.contiguous().op(OP)?;
+    let prec = matmul_precision();
     match bias {
-        None => x.apply_op2(&w, LinearOp { n, k }).op(OP),
+        None => x.apply_op2(&w, LinearOp { n, k, prec }).op(OP),
         Some(b) => {
             check_input("fused::linear bias", b, DType::F32)?;
             check_vector(OP, b, n)?;
             let b = b.contiguous().op(OP)?;
-            x.apply_op3(&w, &b, LinearOp { n, k }).op(OP)
+            x.apply_op3(&w, &b, LinearOp { n, k, prec }).op(OP)
         }
     }
 }
@@ -912,6 +969,7 @@ impl CustomOp2 for SwiGluOp {
 struct LinearOp {
     n: usize,
     k: usize,
+    prec: MatmulPrecision,
 }
 
 impl LinearOp {
@@ -934,8 +992,8 @@ impl LinearOp {
             let (xd, wd, gd) = (F32Data::new(x)?, F32Data::new(w)?, F32Data::new(&grad)?);
             let m = xd.get().len() / self.k;
             (
-                linear::grad_x(gd.get(), wd.get(), m, self.n, self.k),
-                linear::grad_w(gd.get(), xd.get(), m, self.n, self.k),
+                linear::grad_x(self.prec, gd.get(), wd.get(), m, self.n, self.k),
+                linear::grad_w(self.prec, gd.get(), xd.get(), m, self.n, self.k),
                 linear::grad_b(gd.get(), self.n),
             )
         };
@@ -956,7 +1014,15 @@ impl CustomOp2 for LinearOp {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = cpu_f32(s1, l1)?;
-        let y = linear::forward(x, cpu_f32(s2, l2)?, None, x.len() / self.k, self.n, self.k);
+        let y = linear::forward(
+            self.prec,
+            x,
+            cpu_f32(s2, l2)?,
+            None,
+            x.len() / self.k,
+            self.n,
+            self.k,
+        );
         Ok((CpuStorage::F32(y), self.out_shape(l1)))
     }
 
@@ -989,6 +1055,7 @@ impl CustomOp3 for LinearOp {
         let x = cpu_f32(s1, l1)?;
         let b = cpu_f32(s3, l3)?;
         let y = linear::forward(
+            self.prec,
             x,
             cpu_f32(s2, l2)?,
             Some(b),

@@ -107,6 +107,9 @@ pub enum NnError {
     /// A layer was configured with values it cannot work with.
     #[error("invalid {what}: {reason}")]
     Config { what: &'static str, reason: String },
+    /// The running CPU lacks an instruction set a requested mode needs.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 pub type Result<T> = std::result::Result<T, NnError>;

@@ -583,6 +583,83 @@ fn linear_matches_naive() {
     assert_close("linear transposed x", &y, &want);
 }
 
+/// Bf16 matmul precision: the output and the gradients of x and W are the f32 products of the
+/// bf16-rounded operands (the upstream gradient rounded too), the bias gradient stays f32; the
+/// backward keeps the precision its op was built with even when run outside the scope.
+#[test]
+fn linear_bf16_equals_f32_products_of_rounded_operands() {
+    use fused::MatmulPrecision;
+    if !fused::bf16_available() {
+        eprintln!("skipped: this CPU has no AVX-512 BF16");
+        return;
+    }
+    // candle's f32 -> bf16 is round to nearest even, like the kernel (no denormals here).
+    let bf = |t: &Tensor| {
+        t.to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    };
+    let mut rng = Rng(29);
+    for (m, k, n) in [
+        (1usize, 13usize, 1usize),
+        (15, 24, 7),
+        (67, 64, 256),
+        (260, 97, 1000),
+    ] {
+        let case = format!("bf16 linear m{m} k{k} n{n}");
+        let (x, w, b, r) = (
+            rng.tensor(&[m, k], 1.0),
+            rng.tensor(&[n, k], 0.5),
+            rng.tensor(&[n], 0.5),
+            rng.tensor(&[m, n], 1.0),
+        );
+        let vars: Vec<Var> = [&x, &w, &b]
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let y = fused::with_matmul_precision(MatmulPrecision::Bf16, || {
+            fused::linear(
+                vars[0].as_tensor(),
+                vars[1].as_tensor(),
+                Some(vars[2].as_tensor()),
+            )
+        })
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            fused::matmul_precision(),
+            MatmulPrecision::F32,
+            "scope restored"
+        );
+        let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let grad = |i: usize| grads.get(vars[i].as_tensor()).unwrap().clone();
+        let y_ref = bf(&x)
+            .matmul(&bf(&w).t().unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap();
+        assert_close(&format!("{case} y"), &y, &y_ref);
+        assert_close(
+            &format!("{case} dx"),
+            &grad(0),
+            &bf(&r).matmul(&bf(&w)).unwrap(),
+        );
+        let dw_ref = bf(&r).t().unwrap().matmul(&bf(&x)).unwrap();
+        assert_close(&format!("{case} dw"), &grad(1), &dw_ref);
+        assert_close(&format!("{case} db"), &grad(2), &r.sum(0).unwrap());
+        // The mode is in effect: f32 products differ from these by bf16's rounding.
+        if k > 1 {
+            let y32 = fused::linear(&x, &w, Some(&b)).unwrap();
+            let diff = (&y32 - &y).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(
+                diff.to_scalar::<f32>().unwrap() > 1e-4,
+                "{case}: bf16 equals f32"
+            );
+        }
+    }
+}
+
 /// The (B, T, H, D) entry points equal the (B, H, T, D) ones on transposed inputs, gradients
 /// included.
 #[test]

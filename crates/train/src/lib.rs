@@ -21,7 +21,7 @@ pub use rng::Rng;
 pub use schedule::Schedule;
 pub use trainer::{
     init_model, model_config, model_from_tensors, train_step, MatrixOptimizer, Observer,
-    Optimizers, Outcome, Params, StepMetrics, TrainSettings, Trainer,
+    Optimizers, Outcome, Params, Precision, StepMetrics, TrainSettings, Trainer,
 };
 
 use std::path::{Path, PathBuf};

@@ -40,6 +40,33 @@ pub enum MatrixOptimizer {
     Adamw,
 }
 
+/// The arithmetic of the dense projections' products (forward and backward).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// f32 everywhere.
+    #[default]
+    F32,
+    /// Mixed precision: the projections' operands rounded to bf16, products summed in f32;
+    /// weights, gradients, optimizer state, norms, attention and the loss stay f32. Needs
+    /// AVX-512 BF16 (`kiln_nn::fused::bf16_available`).
+    Bf16,
+}
+
+impl Precision {
+    pub fn matmul(self) -> kiln_nn::fused::MatmulPrecision {
+        match self {
+            Precision::F32 => kiln_nn::fused::MatmulPrecision::F32,
+            Precision::Bf16 => kiln_nn::fused::MatmulPrecision::Bf16,
+        }
+    }
+
+    /// Runs `f` with the model's projections in this precision (an error if the CPU lacks it).
+    pub fn scope<R>(self, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        kiln_nn::fused::with_matmul_precision(self.matmul(), f)?
+    }
+}
+
 /// Everything that defines a run. A resumed run must be given the same settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainSettings {
@@ -72,6 +99,9 @@ pub struct TrainSettings {
     pub checkpoint_every: u64,
     /// The sha256 of the tokenizer the data was prepared with.
     pub tokenizer_sha256: String,
+    /// Matmul precision (runs written before this field existed are f32).
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 impl TrainSettings {
@@ -103,6 +133,7 @@ impl TrainSettings {
             eval_windows: 64,
             checkpoint_every: 200,
             tokenizer_sha256: String::new(),
+            precision: Precision::F32,
         }
     }
 
@@ -143,6 +174,11 @@ impl TrainSettings {
             }
         }
         self.style()?;
+        if self.precision == Precision::Bf16 && !kiln_nn::fused::bf16_available() {
+            return bad(
+                "precision bf16 needs a CPU with AVX-512 BF16 (avx512_bf16), which this one lacks; use f32".into(),
+            );
+        }
         Ok(())
     }
 
@@ -723,17 +759,31 @@ impl<'a> Trainer<'a> {
 
     /// Validation loss and bits per byte of the current weights.
     pub fn evaluate(&self) -> Result<(f64, f64)> {
-        evaluate(
-            &self.model,
-            &self.windows,
-            &self.token_bytes,
-            self.settings.seq_len,
-        )
+        self.settings.precision.scope(|| {
+            evaluate(
+                &self.model,
+                &self.windows,
+                &self.token_bytes,
+                self.settings.seq_len,
+            )
+        })
     }
 
     /// Trains until the run's last step, until step `until` (then checkpoints and stops), or
     /// until `stop` is set (checked after every step).
     pub fn run(
+        &mut self,
+        until: Option<u64>,
+        stop: &AtomicBool,
+        obs: &mut dyn Observer,
+        sampler: &mut Sampler<'_>,
+    ) -> Result<Outcome> {
+        // Steps, evaluations and samples all in the run's precision.
+        let precision = self.settings.precision;
+        precision.scope(|| self.run_steps(until, stop, obs, sampler))
+    }
+
+    fn run_steps(
         &mut self,
         until: Option<u64>,
         stop: &AtomicBool,

@@ -8,6 +8,7 @@
 //! Here the three products go straight into fresh buffers and the bias gradient is a
 //! vectorised column sum.
 
+use super::MatmulPrecision;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -28,7 +29,7 @@ pub(super) struct View<'a> {
 
 impl View<'_> {
     /// The largest offset an (rows, cols) view reads, plus one.
-    fn extent(&self, rows: usize, cols: usize) -> usize {
+    pub(super) fn extent(&self, rows: usize, cols: usize) -> usize {
         if rows == 0 || cols == 0 {
             0
         } else {
@@ -54,6 +55,25 @@ pub(super) fn matmul_new(m: usize, n: usize, k: usize, lhs: View<'_>, rhs: View<
         out.set_len(len);
     }
     out
+}
+
+/// [`matmul_new`] in `prec`: f32 on `gemm`, or bf16 operands on kiln's own kernel.
+fn matmul(
+    prec: MatmulPrecision,
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: View<'_>,
+    rhs: View<'_>,
+) -> Vec<f32> {
+    match prec {
+        MatmulPrecision::F32 => matmul_new(m, n, k, lhs, rhs),
+        // `with_matmul_precision` refuses Bf16 where the kernel cannot run.
+        #[cfg(target_arch = "x86_64")]
+        MatmulPrecision::Bf16 => super::bf16::matmul_new(m, n, k, lhs, rhs),
+        #[cfg(not(target_arch = "x86_64"))]
+        MatmulPrecision::Bf16 => unreachable!("bf16 matmuls are refused on this target"),
+    }
 }
 
 /// # Safety
@@ -104,6 +124,7 @@ unsafe fn raw_matmul(
 
 /// `y (m, n) = x (m, k) W^T + b` with `W` (n, k) row-major.
 pub(super) fn forward(
+    prec: MatmulPrecision,
     x: &[f32],
     w: &[f32],
     b: Option<&[f32]>,
@@ -111,7 +132,8 @@ pub(super) fn forward(
     n: usize,
     k: usize,
 ) -> Vec<f32> {
-    let mut y = matmul_new(
+    let mut y = matmul(
+        prec,
         m,
         n,
         k,
@@ -137,8 +159,16 @@ pub(super) fn forward(
 }
 
 /// `dx = dy W` (m, k).
-pub(super) fn grad_x(dy: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
-    matmul_new(
+pub(super) fn grad_x(
+    prec: MatmulPrecision,
+    dy: &[f32],
+    w: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Vec<f32> {
+    matmul(
+        prec,
         m,
         k,
         n,
@@ -156,8 +186,16 @@ pub(super) fn grad_x(dy: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec
 }
 
 /// `dW = dy^T x` (n, k).
-pub(super) fn grad_w(dy: &[f32], x: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
-    matmul_new(
+pub(super) fn grad_w(
+    prec: MatmulPrecision,
+    dy: &[f32],
+    x: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Vec<f32> {
+    matmul(
+        prec,
         n,
         k,
         m,
