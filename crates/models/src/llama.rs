@@ -887,6 +887,11 @@ impl Llama {
     /// Logits at every position for training: `ids` (B, T) -> (B, T, vocab), without a KV cache,
     /// through ops that all have a backward pass.
     pub fn forward_train(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.lm_head.forward(&self.hidden_train(ids)?)?)
+    }
+
+    /// The final norm's output at every position (B, T, hidden), through ops with a backward.
+    fn hidden_train(&self, ids: &Tensor) -> Result<Tensor> {
         let (_, t) = ids.dims2().map_err(nn("input_ids must be (B, T)"))?;
         self.check_ids(ids, 0, t)?;
         let ids = ids.to_dtype(DType::U32).map_err(nn("ids to u32"))?;
@@ -899,21 +904,23 @@ impl Llama {
         for layer in &self.layers {
             x = layer.forward(&x, &self.cfg, rope, Attend::Train)?;
         }
-        let x = self.norm.forward(&x)?;
-        Ok(self.lm_head.forward(&x)?)
+        Ok(self.norm.forward(&x)?)
     }
 
     /// Mean next-token cross-entropy (nats) of `targets` (B, T) given `ids` (B, T); targets equal
-    /// to `u32::MAX` are ignored. The loss to call `backward` on.
+    /// to `u32::MAX` are ignored. The loss to call `backward` on: the output head and the loss
+    /// are one node that computes its gradients in the forward pass
+    /// (`Linear::cross_entropy`), so the (B T, vocab) logits never outlive it. Evaluation
+    /// without a backward goes through [`Llama::forward_train`].
     pub fn loss(&self, ids: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        let logits = self.forward_train(ids)?;
-        let (b, t, v) = logits.dims3().map_err(nn("logits dims"))?;
-        let logits = logits.reshape((b * t, v)).map_err(nn("flatten logits"))?;
+        let h = self.hidden_train(ids)?;
+        let (b, t, d) = h.dims3().map_err(nn("hidden dims"))?;
+        let h = h.reshape((b * t, d)).map_err(nn("flatten hidden"))?;
         let targets = targets
             .to_dtype(DType::U32)
             .and_then(|t| t.flatten_all())
             .map_err(nn("flatten targets"))?;
-        Ok(kiln_nn::fused::cross_entropy(&logits, &targets, u32::MAX)?)
+        Ok(self.lm_head.cross_entropy(&h, &targets, u32::MAX)?)
     }
 
     fn uses_rope(&self) -> bool {

@@ -466,16 +466,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore_index: u32) -> Re
         return Err(shape_err(OP, &format!("targets of shape ({n},)"), targets));
     }
     let targets: Vec<u32> = targets.to_vec1().op(OP)?;
-    if let Some((row, &t)) = targets
-        .iter()
-        .enumerate()
-        .find(|&(_, &t)| t != ignore_index && t as usize >= v)
-    {
-        return Err(NnError::Config {
-            what: "fused::cross_entropy targets",
-            reason: format!("target {t} of row {row} is out of range for {v} classes"),
-        });
-    }
+    check_targets("fused::cross_entropy targets", &targets, ignore_index, v)?;
     let logits = logits.contiguous().op(OP)?;
     let op = CrossEntropyOp {
         targets,
@@ -483,6 +474,68 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore_index: u32) -> Re
         lse: Mutex::new(Vec::new()),
     };
     logits.apply_op1(op).op(OP)
+}
+
+/// `cross_entropy(x W^T, targets)` in one node, for an output head without bias: `x` (N, K),
+/// `weight` (V, K), `targets` (N,) u32 -> the mean loss (scalar). Grads to `x` and `weight`.
+///
+/// The forward pass computes the gradients too (the logits' gradient is written over the
+/// logits, then `dx = dlogits W`, `dW = dlogits^T x`), and backward only scales them by the
+/// upstream gradient: no (N, V) tensor outlives the forward, where the two-node form keeps the
+/// logits for the loss's backward and has candle zero-fill and add an (N, V) gradient. For the
+/// loss of a training step, which is always differentiated; a forward-only caller pays for the
+/// two gradient products. With an upstream gradient of 1 the loss and both gradients are the
+/// bits of the two-node form (the same kernels on the same values).
+pub fn linear_cross_entropy(
+    x: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+    ignore_index: u32,
+) -> Result<Tensor> {
+    const OP: &str = "fused::linear_cross_entropy";
+    check_input("fused::linear_cross_entropy x", x, DType::F32)?;
+    check_input("fused::linear_cross_entropy weight", weight, DType::F32)?;
+    check_input("fused::linear_cross_entropy targets", targets, DType::U32)?;
+    let (n, k) = x
+        .dims2()
+        .map_err(|_| shape_err(OP, "x of rank 2 (N, K)", x))?;
+    let (v, kw) = weight
+        .dims2()
+        .map_err(|_| shape_err(OP, "weight of rank 2 (V, K)", weight))?;
+    if kw != k {
+        return Err(shape_err(OP, &format!("weight of shape (V, {k})"), weight));
+    }
+    if targets.dims() != [n] {
+        return Err(shape_err(OP, &format!("targets of shape ({n},)"), targets));
+    }
+    let targets: Vec<u32> = targets.to_vec1().op(OP)?;
+    check_targets(OP, &targets, ignore_index, v)?;
+    let x = x.contiguous().op(OP)?;
+    let w = weight.contiguous().op(OP)?;
+    let op = LinearCrossEntropyOp {
+        targets,
+        ignore_index,
+        n,
+        k,
+        v,
+        prec: matmul_precision(),
+        grads: Mutex::new(None),
+    };
+    x.apply_op2(&w, op).op(OP)
+}
+
+fn check_targets(what: &'static str, targets: &[u32], ignore: u32, v: usize) -> Result<()> {
+    match targets
+        .iter()
+        .enumerate()
+        .find(|&(_, &t)| t != ignore && t as usize >= v)
+    {
+        Some((row, &t)) => Err(NnError::Config {
+            what,
+            reason: format!("target {t} of row {row} is out of range for {v} classes"),
+        }),
+        None => Ok(()),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -865,6 +918,71 @@ impl CustomOp1 for CrossEntropyOp {
             cross_entropy::grad(xd.get(), v, &self.targets, self.ignore_index, &lse, coef)
         };
         Ok(Some(grad_tensor(dx, logits)?))
+    }
+}
+
+struct LinearCrossEntropyOp {
+    targets: Vec<u32>,
+    ignore_index: u32,
+    n: usize,
+    k: usize,
+    v: usize,
+    prec: MatmulPrecision,
+    /// `dx` (N, K) and `dW` (V, K) for an upstream gradient of 1, written by the forward pass.
+    grads: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+}
+
+impl CustomOp2 for LinearCrossEntropyOp {
+    fn name(&self) -> &'static str {
+        "kiln-fused-linear-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, w) = (cpu_f32(s1, l1)?, cpu_f32(s2, l2)?);
+        let (n, k, v) = (self.n, self.k, self.v);
+        let (t, ignore) = (&self.targets, self.ignore_index);
+        let mut logits = linear::forward(self.prec, x, w, None, n, v, k);
+        let lse = cross_entropy::logsumexp(&logits, v, t, ignore);
+        let loss = cross_entropy::mean_loss(&logits, v, t, ignore, &lse);
+        let count = t.iter().filter(|&&t| t != ignore).count();
+        let coef = if count == 0 { 0.0 } else { 1.0 / count as f32 };
+        cross_entropy::grad_in_place(&mut logits, v, t, ignore, &lse, coef);
+        let dx = linear::grad_x(self.prec, &logits, w, n, v, k);
+        let dw = linear::grad_w(self.prec, &logits, x, n, v, k);
+        *self.grads.lock().map_err(|_| poisoned(self.name()))? = Some((dx, dw));
+        Ok((CpuStorage::F32(vec![loss]), Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = grad.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        let saved = self.grads.lock().map_err(|_| poisoned(self.name()))?;
+        let Some((dx, dw)) = saved.as_ref() else {
+            return Err(poisoned(self.name()));
+        };
+        // `g * d` rounds as the two-node form's `coef = g / count` does only for g = 1.
+        let scale = |d: &[f32]| -> Vec<f32> {
+            if g == 1.0 {
+                d.to_vec()
+            } else {
+                d.iter().map(|&d| d * g).collect()
+            }
+        };
+        Ok((
+            Some(grad_tensor(scale(dx), x)?),
+            Some(grad_tensor(scale(dw), w)?),
+        ))
     }
 }
 

@@ -224,6 +224,19 @@ impl Linear {
         parts.iter().map(|l| l.forward(x)).collect()
     }
 
+    /// Mean cross-entropy (`fused::cross_entropy`) of `targets` (N,) u32 over this layer's
+    /// outputs for `x` (N, in). A dense layer without bias (an output head) runs as the one
+    /// node [`crate::fused::linear_cross_entropy`], which computes its gradients in the forward
+    /// pass: for losses that are differentiated.
+    pub fn cross_entropy(&self, x: &Tensor, targets: &Tensor, ignore_index: u32) -> Result<Tensor> {
+        match (&self.weight, &self.bias) {
+            (Weight::Dense(w), None) => {
+                crate::fused::linear_cross_entropy(x, w, targets, ignore_index)
+            }
+            _ => crate::fused::cross_entropy(&self.forward(x)?, targets, ignore_index),
+        }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
             // One fused node with its backward (kiln's GEMM call), bias included.

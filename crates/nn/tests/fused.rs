@@ -458,6 +458,97 @@ fn cross_entropy_of_only_ignored_rows_is_nan_with_zero_grad() {
 }
 
 #[test]
+fn linear_cross_entropy_matches_naive() {
+    let mut rng = Rng(31);
+    for (n, k, v) in [(1usize, 5usize, 37usize), (13, 24, 1000), (67, 64, 300)] {
+        for ignore in [None, Some(3u32)] {
+            let mut targets: Vec<u32> = (0..n).map(|_| rng.below(v)).collect();
+            if let Some(ig) = ignore {
+                for (i, t) in targets.iter_mut().enumerate() {
+                    if i % 3 == 1 {
+                        *t = ig;
+                    } else if *t == ig {
+                        *t = ig + 1; // row 0 always counts: never a NaN mean
+                    }
+                }
+            }
+            let ignore = ignore.unwrap_or(u32::MAX);
+            let tt = Tensor::from_vec(targets.clone(), n, &Device::Cpu).unwrap();
+            let x = rng.tensor(&[n, k], 1.0);
+            let w = rng.tensor(&[v, k], 0.5);
+            // An upstream gradient other than 1 (gradient accumulation scales the loss).
+            let r = Tensor::new(0.7f32, &Device::Cpu).unwrap();
+            let ts = &targets;
+            check(
+                &format!("linear_cross_entropy N={n} K={k} V={v} ignore {ignore}"),
+                &["x", "w"],
+                &[x, w],
+                &r,
+                |t| fused::linear_cross_entropy(&t[0], &t[1], &tt, ignore).unwrap(),
+                |t| naive_cross_entropy(&t[0].matmul(&t[1].t().unwrap()).unwrap(), ts, ignore),
+            );
+        }
+    }
+}
+
+/// With an upstream gradient of 1 (a training step's loss), the one-node head + loss gives the
+/// bits of `cross_entropy(linear(x, w))`: loss and both gradients, in each precision.
+#[test]
+fn linear_cross_entropy_is_bit_identical_to_two_nodes() {
+    use fused::MatmulPrecision;
+    let mut rng = Rng(37);
+    let (n, k, v) = (130usize, 96usize, 517usize);
+    let mut targets: Vec<u32> = (0..n).map(|_| rng.below(v)).collect();
+    targets[5] = u32::MAX;
+    let tt = Tensor::from_vec(targets, n, &Device::Cpu).unwrap();
+    let (x, w) = (rng.tensor(&[n, k], 1.0), rng.tensor(&[v, k], 0.5));
+    let mut precisions = vec![MatmulPrecision::F32];
+    if fused::bf16_available() {
+        precisions.push(MatmulPrecision::Bf16);
+    }
+    for p in precisions {
+        let run = |one_node: bool| {
+            let (xv, wv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
+            let loss = fused::with_matmul_precision(p, || {
+                if one_node {
+                    fused::linear_cross_entropy(xv.as_tensor(), wv.as_tensor(), &tt, u32::MAX)
+                } else {
+                    let logits = fused::linear(xv.as_tensor(), wv.as_tensor(), None).unwrap();
+                    fused::cross_entropy(&logits, &tt, u32::MAX)
+                }
+            })
+            .unwrap()
+            .unwrap();
+            let grads = loss.backward().unwrap();
+            let g = |v: &Var| values(grads.get(v.as_tensor()).unwrap());
+            (values(&loss.reshape(1).unwrap()), g(&xv), g(&wv))
+        };
+        assert_eq!(run(true), run(false), "{p:?}");
+    }
+}
+
+#[test]
+fn linear_cross_entropy_refuses_bad_input() {
+    let mut rng = Rng(41);
+    let x = rng.tensor(&[4, 8], 1.0);
+    let w = rng.tensor(&[10, 8], 1.0);
+    let t = |v: Vec<u32>| Tensor::from_vec(v.clone(), v.len(), &Device::Cpu).unwrap();
+    let err = fused::linear_cross_entropy(&x, &w, &t(vec![1, 2, 10, 3]), u32::MAX).unwrap_err();
+    assert!(err.to_string().contains("target 10 of row 2"), "{err}");
+    let err = fused::linear_cross_entropy(&x, &w, &t(vec![1, 2, 3]), u32::MAX).unwrap_err();
+    assert!(matches!(err, NnError::Shape { .. }), "{err}");
+    let w7 = rng.tensor(&[10, 7], 1.0);
+    let err = fused::linear_cross_entropy(&x, &w7, &t(vec![1, 2, 3, 4]), u32::MAX).unwrap_err();
+    assert!(matches!(err, NnError::Shape { .. }), "{err}");
+    // Every row ignored: NaN loss and zero gradients, as cross_entropy.
+    let xv = Var::from_tensor(&x).unwrap();
+    let loss = fused::linear_cross_entropy(xv.as_tensor(), &w, &t(vec![4; 4]), 4).unwrap();
+    assert!(loss.to_scalar::<f32>().unwrap().is_nan());
+    let g = values(loss.backward().unwrap().get(xv.as_tensor()).unwrap());
+    assert!(g.iter().all(|&v| v == 0.0));
+}
+
+#[test]
 fn causal_attention_forward_matches_inference_reference() {
     let mut rng = Rng(7);
     for (b, hq, hkv, t, d) in [(1, 4, 4, 1, 16), (2, 4, 2, 67, 24), (1, 8, 1, 130, 64)] {

@@ -10,8 +10,8 @@ use kiln_tokenizer::train::{train_from_texts, TrainerConfig};
 use kiln_tokenizer::Tokenizer;
 use kiln_train::data::END_OF_TEXT;
 use kiln_train::{
-    prepare, Dataset, MatrixOptimizer, Observer, Outcome, PrepareConfig, StepMetrics, TrainError,
-    TrainSettings, Trainer,
+    prepare, Dataset, MatrixOptimizer, Observer, Outcome, Precision, PrepareConfig, StepMetrics,
+    TrainError, TrainSettings, Trainer,
 };
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -161,19 +161,25 @@ fn trace(dir: &Path) -> Vec<(u64, u32, Option<u64>, Option<u64>)> {
 
 fn stopped_and_resumed_equals_one_go(style: &str, optimizer: MatrixOptimizer) {
     let f = fixture();
-    let s = settings(style, optimizer);
-    let whole = f.root.join("whole");
-    assert_eq!(run(&f, &s, &whole, false, None).unwrap(), Outcome::Finished);
-    let pieces = f.root.join("pieces");
+    resumed_equals_one_go(&f, &settings(style, optimizer), "whole", "pieces");
+}
+
+/// Runs `s` in one go (in `root/whole`) and stopped at 3 and 7 (in `root/pieces`); asserts the
+/// traces and final weights are the same bits.
+fn resumed_equals_one_go(f: &Fixture, s: &TrainSettings, whole: &str, pieces: &str) {
+    let s = s.clone();
+    let whole = f.root.join(whole);
+    assert_eq!(run(f, &s, &whole, false, None).unwrap(), Outcome::Finished);
+    let pieces = f.root.join(pieces);
     assert_eq!(
-        run(&f, &s, &pieces, false, Some(3)).unwrap(),
+        run(f, &s, &pieces, false, Some(3)).unwrap(),
         Outcome::Stopped { step: 3 }
     );
     assert_eq!(
-        run(&f, &s, &pieces, true, Some(7)).unwrap(),
+        run(f, &s, &pieces, true, Some(7)).unwrap(),
         Outcome::Stopped { step: 7 }
     );
-    assert_eq!(run(&f, &s, &pieces, true, None).unwrap(), Outcome::Finished);
+    assert_eq!(run(f, &s, &pieces, true, None).unwrap(), Outcome::Finished);
     let (a, b) = (trace(&whole), trace(&pieces));
     assert_eq!(a.len(), 12);
     assert_eq!(a, b, "a resumed run must reproduce every loss bit for bit");
@@ -199,6 +205,40 @@ fn llama_muon_run_resumes_exactly() {
 #[test]
 fn gpt2_adamw_run_resumes_exactly() {
     stopped_and_resumed_equals_one_go("gpt2", MatrixOptimizer::Adamw);
+}
+
+/// bf16 matmuls: a stopped and resumed run is still the one-go run bit for bit, it learns, its
+/// losses are not the f32 run's (the mode is in effect), and an f32 run resumed as bf16 is
+/// refused by name.
+#[test]
+fn bf16_run_resumes_exactly_and_differs_from_f32() {
+    if !kiln_nn::fused::bf16_available() {
+        eprintln!("skipped: this CPU has no AVX-512 BF16");
+        return;
+    }
+    let f = fixture();
+    let mut s = settings("gpt2", MatrixOptimizer::Adamw);
+    s.precision = Precision::Bf16;
+    resumed_equals_one_go(&f, &s, "bf16-whole", "bf16-pieces");
+    let mut f32s = s.clone();
+    f32s.precision = Precision::F32;
+    let dir = f.root.join("f32");
+    run(&f, &f32s, &dir, false, Some(2)).unwrap();
+    let (a, b) = (trace(&f.root.join("bf16-whole")), trace(&dir));
+    assert_ne!(a[..2], b[..2], "bf16 and f32 gave the same losses");
+    // Close, though: bf16 rounding of the operands, not a different model.
+    let (la, lb) = (metrics(&f.root.join("bf16-whole")), metrics(&dir));
+    assert!(
+        (la[0].loss - lb[0].loss).abs() < 0.05,
+        "{} vs {}",
+        la[0].loss,
+        lb[0].loss
+    );
+    let e = run(&f, &s, &dir, true, None).unwrap_err().to_string();
+    assert!(
+        e.contains("different settings") && e.contains("precision"),
+        "{e}"
+    );
 }
 
 #[test]

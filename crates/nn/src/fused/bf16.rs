@@ -69,11 +69,8 @@ pub(super) fn matmul_new(m: usize, n: usize, k: usize, lhs: View<'_>, rhs: View<
     }
     let kp = k.div_ceil(2);
     let (buf_a, buf_b) = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
-    let t0 = std::time::Instant::now();
     let a = pack_a(m, k, lhs, buf_a);
-    let t1 = std::time::Instant::now();
     let b = pack_b(k, n, rhs, buf_b);
-    let t2 = std::time::Instant::now();
     // Not zero-filled: the first block of k stores every element of every tile (the memset and
     // the page faults of a fresh zeroed buffer were a tenth of the GEMM's time).
     let mut c: Vec<f32> = Vec::with_capacity(len);
@@ -115,14 +112,6 @@ pub(super) fn matmul_new(m: usize, n: usize, k: usize, lhs: View<'_>, rhs: View<
             }
         }
     });
-    if std::env::var_os("BF16_T").is_some() {
-        eprintln!(
-            "packA {:.2} packB {:.2} rest {:.2}",
-            (t1 - t0).as_secs_f64() * 1e3,
-            (t2 - t1).as_secs_f64() * 1e3,
-            t2.elapsed().as_secs_f64() * 1e3
-        );
-    }
     // SAFETY: the tasks above wrote all `len` elements (tiles cover C; the first block of k,
     // k0 = 0, stores rows i0..i0 + mr and columns j0..j0 + nc of each micro-tile).
     unsafe { c.set_len(len) };
@@ -705,75 +694,5 @@ mod tests {
                 })
         };
         assert_eq!(run(1), run(3));
-    }
-}
-
-#[cfg(test)]
-mod tmp_speed {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn speed() {
-        let shapes = [
-            ("fwd qkv", 2048, 768, 256, false, true),
-            ("fwd up", 2048, 1024, 256, false, true),
-            ("fwd down", 2048, 256, 1024, false, true),
-            ("fwd head", 2048, 4096, 256, false, true),
-            ("dx head", 2048, 256, 4096, false, false),
-            ("dx up", 2048, 256, 1024, false, false),
-            ("dW head", 4096, 256, 2048, true, false),
-            ("dW o", 256, 256, 2048, true, false),
-            ("dW up", 1024, 256, 2048, true, false),
-        ];
-        for (name, m, n, k, a_t, b_t) in shapes {
-            let a: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 13) as f32 * 0.1).collect();
-            let b: Vec<f32> = (0..k * n).map(|i| ((i * 5) % 11) as f32 * 0.1).collect();
-            let av = if a_t {
-                View {
-                    data: &a,
-                    rs: 1,
-                    cs: m,
-                }
-            } else {
-                View {
-                    data: &a,
-                    rs: k,
-                    cs: 1,
-                }
-            };
-            let bv = if b_t {
-                View {
-                    data: &b,
-                    rs: 1,
-                    cs: k,
-                }
-            } else {
-                View {
-                    data: &b,
-                    rs: n,
-                    cs: 1,
-                }
-            };
-            let reps = 10;
-            let t = std::time::Instant::now();
-            for _ in 0..reps {
-                std::hint::black_box(matmul_new(m, n, k, av, bv));
-            }
-            let tb = t.elapsed().as_secs_f64() / reps as f64;
-            let t = std::time::Instant::now();
-            for _ in 0..reps {
-                std::hint::black_box(super::super::linear::matmul_new(m, n, k, av, bv));
-            }
-            let tf = t.elapsed().as_secs_f64() / reps as f64;
-            let fl = 2.0 * (m * n * k) as f64;
-            println!(
-                "{name:10} bf16 {:7.2} ms {:6.0} GF/s   f32 {:7.2} ms {:6.0} GF/s  x{:.2}",
-                tb * 1e3,
-                fl / tb / 1e9,
-                tf * 1e3,
-                fl / tf / 1e9,
-                tf / tb
-            );
-        }
     }
 }

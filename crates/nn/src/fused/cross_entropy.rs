@@ -47,6 +47,51 @@ pub(super) fn mean_loss(x: &[f32], v: usize, targets: &[u32], ignore: u32, lse: 
     (total / count as f64) as f32
 }
 
+/// [`grad`] written over the logits themselves (the output head's fused loss, which needs the
+/// logits no more): ignored rows become 0. The same arithmetic, so the same bits.
+pub(super) fn grad_in_place(
+    x: &mut [f32],
+    v: usize,
+    targets: &[u32],
+    ignore: u32,
+    lse: &[f32],
+    coef: f32,
+) {
+    x.par_chunks_mut(CHUNK_ROWS * v)
+        .zip(
+            targets
+                .par_chunks(CHUNK_ROWS)
+                .zip(lse.par_chunks(CHUNK_ROWS)),
+        )
+        .for_each(|(x, (t, l))| grad_in_place_task(x, t, ignore, l, coef));
+}
+
+#[inline(always)]
+fn grad_in_place_chunk<I: Isa>(
+    x: &mut [f32],
+    targets: &[u32],
+    ignore: u32,
+    lse: &[f32],
+    coef: f32,
+) {
+    let v = x.len() / lse.len();
+    for (x, (&t, &lse)) in x.chunks_exact_mut(v).zip(targets.iter().zip(lse)) {
+        if t == ignore {
+            x.fill(0.0);
+            continue;
+        }
+        for x in x.iter_mut() {
+            *x = exp::<I>(*x - lse) * coef;
+        }
+        if let Some(dt) = x.get_mut(t as usize) {
+            *dt -= coef;
+        }
+    }
+}
+multiversion!(fn grad_in_place_task = grad_in_place_chunk(
+    x: &mut [f32], targets: &[u32], ignore: u32, lse: &[f32], coef: f32,
+););
+
 #[inline(always)]
 fn grad_chunk<I: Isa>(
     x: &[f32],
