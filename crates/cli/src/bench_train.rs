@@ -220,9 +220,9 @@ pub fn run(a: BenchTrainArgs) -> Result<()> {
         params as f64 / 1e6,
         a.batch,
         a.seq_len,
-        match a.precision {
-            crate::train_cmd::PrecisionArg::F32 => "fp32",
-            crate::train_cmd::PrecisionArg::Bf16 =>
+        match a.precision.get() {
+            kiln_train::Precision::F32 => "fp32",
+            kiln_train::Precision::Bf16 =>
                 "bf16 mixed precision (kiln: bf16 projections; PyTorch: CPU autocast bf16)",
         }
     );

@@ -38,20 +38,26 @@ pub enum PrecisionArg {
     /// bf16 operands for the projections' products (summed in f32); f32 weights, gradients and
     /// optimizer state. Needs AVX-512 BF16.
     Bf16,
+    /// bf16 where the CPU has AVX-512 BF16, else f32 (the run records which).
+    Auto,
 }
 
 impl PrecisionArg {
+    /// The precision this stands for on the running CPU.
     pub fn get(self) -> Precision {
         match self {
             PrecisionArg::F32 => Precision::F32,
             PrecisionArg::Bf16 => Precision::Bf16,
+            PrecisionArg::Auto if kiln_nn::fused::bf16_available() => Precision::Bf16,
+            PrecisionArg::Auto => Precision::F32,
         }
     }
 
+    /// The name of [`PrecisionArg::get`] (never "auto").
     pub fn name(self) -> &'static str {
-        match self {
-            PrecisionArg::F32 => "f32",
-            PrecisionArg::Bf16 => "bf16",
+        match self.get() {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
         }
     }
 }
@@ -115,9 +121,10 @@ pub struct ModelArgs {
     /// Checkpoint every this many steps (0: only at the end or when stopped).
     #[arg(long, default_value_t = 200)]
     pub checkpoint_every: u64,
-    /// Matmul precision of the projections (forward and backward).
-    #[arg(long, value_enum, default_value = "f32")]
-    pub precision: PrecisionArg,
+    /// Matmul precision of the projections, forward and backward [default: f32 for `kiln
+    /// train`, auto for `kiln speedrun`].
+    #[arg(long, value_enum)]
+    pub precision: Option<PrecisionArg>,
 }
 
 impl ModelArgs {
@@ -158,7 +165,7 @@ impl ModelArgs {
         s.eval_every = self.eval_every;
         s.eval_windows = self.eval_windows;
         s.checkpoint_every = self.checkpoint_every;
-        s.precision = self.precision.get();
+        s.precision = self.precision.unwrap_or(PrecisionArg::F32).get();
         s
     }
 }

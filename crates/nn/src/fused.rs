@@ -1196,3 +1196,69 @@ impl CustomOp3 for LinearOp {
         Ok((Some(dx), Some(dw), Some(grad_tensor(db, b)?)))
     }
 }
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod isa_tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn values(t: &Tensor) -> Vec<u32> {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect()
+    }
+
+    /// Forward outputs and input gradients of attention, LayerNorm + GELU and cross-entropy,
+    /// as bits.
+    fn run() -> Vec<Vec<u32>> {
+        let dev = Device::Cpu;
+        let t = |shape: &[usize], seed: u64| {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n)
+                .map(|i| {
+                    let z = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15 ^ seed);
+                    ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+                })
+                .collect();
+            Var::from_vec(v, shape, &dev).unwrap()
+        };
+        let (q, k, v) = (
+            t(&[2, 4, 75, 40], 1),
+            t(&[2, 2, 75, 40], 2),
+            t(&[2, 2, 75, 40], 3),
+        );
+        let x = t(&[67, 96], 4);
+        let (w, b) = (t(&[96], 5), t(&[96], 6));
+        let logits = t(&[67, 300], 7);
+        let targets =
+            Tensor::from_vec((0..67u32).map(|i| i * 7 % 300).collect(), 67, &dev).unwrap();
+        let att = causal_attention(&q, &k, &v, 0.3).unwrap();
+        let h = gelu_tanh(&layer_norm(&x, &w, &b, 1e-5).unwrap()).unwrap();
+        let ce = cross_entropy(&logits, &targets, u32::MAX).unwrap();
+        let loss = (att.sum_all().unwrap() + h.sqr().unwrap().sum_all().unwrap() + &ce).unwrap();
+        let g = loss.backward().unwrap();
+        let mut out = vec![values(&att), values(&h), values(&ce)];
+        for var in [&q, &k, &v, &x, &w, &b, &logits] {
+            out.push(values(g.get(var.as_tensor()).unwrap()));
+        }
+        out
+    }
+
+    /// The AVX-512 builds of the kernels compute the AVX2 builds' scalar program: same bits.
+    #[test]
+    fn avx512_and_avx2_builds_give_the_same_bits() {
+        if !simd::has_avx512() {
+            eprintln!("skipped: this CPU has no AVX-512");
+            return;
+        }
+        let wide = run();
+        simd::avx2_only(true);
+        let narrow = run();
+        simd::avx2_only(false);
+        assert_eq!(wide, narrow);
+    }
+}

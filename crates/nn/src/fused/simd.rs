@@ -2,9 +2,12 @@
 //! reductions, a vectorisable `exp`, and the register-tiled GEMM of the attention kernels.
 //!
 //! Nothing here uses intrinsics. Every kernel is written once, generic over [`Isa`], and compiled
-//! twice: for the baseline target (SSE2 on x86-64, `a * b + c`) and, behind a runtime check, with
-//! AVX2 + FMA enabled (`mul_add`), so that LLVM's auto-vectoriser emits 8-wide FMA code. The
-//! choice depends only on the CPU, so results are bit-identical from run to run on one machine.
+//! three times: for the baseline target (SSE2 on x86-64, `a * b + c`) and, behind runtime checks,
+//! with AVX2 + FMA and with AVX-512 enabled (`mul_add`), so that LLVM's auto-vectoriser emits 8-
+//! or 16-wide FMA code. The AVX2 and AVX-512 builds compute the same scalar program (the same
+//! fused multiply-adds into the same partial sums, in the same order), so they give the same
+//! bits; only the baseline (no FMA) differs. The choice depends only on the CPU, so results are
+//! bit-identical from run to run on one machine.
 //!
 //! Rust never reassociates float sums, so a plain `iter().sum()` does not vectorise. Reductions
 //! here keep [`LANES`] independent partial sums (one per SIMD lane) and combine them in a fixed
@@ -12,6 +15,8 @@
 
 /// How `a * b + c` is computed inside a kernel compiled for one instruction set.
 pub(crate) trait Isa: Copy + Send + Sync + 'static {
+    /// Columns of C per register tile of the attention GEMM ([`gemm`]): two vectors wide.
+    const NR: usize = 16;
     fn madd(a: f32, b: f32, c: f32) -> f32;
 }
 
@@ -41,11 +46,45 @@ impl Isa for Fused {
     }
 }
 
+/// [`Fused`] on AVX-512: the same arithmetic, register tiles of 6 x 32 (twelve of the 32 zmm
+/// registers; 6 x 16 left the FMAs waiting on each other's latency).
+#[derive(Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) struct Fused512;
+
+impl Isa for Fused512 {
+    const NR: usize = 32;
+    #[inline(always)]
+    fn madd(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+}
+
 /// Whether the running CPU has AVX2 and FMA (std caches the answer).
 #[cfg(target_arch = "x86_64")]
 #[inline]
 pub(crate) fn has_avx2_fma() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+}
+
+/// Set by tests to run the AVX2 builds on an AVX-512 machine (to check both give the same bits).
+#[cfg(target_arch = "x86_64")]
+static AVX2_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the running CPU has AVX-512 F and VL as well as AVX2 and FMA (std caches the answer).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub(crate) fn has_avx512() -> bool {
+    !AVX2_ONLY.load(std::sync::atomic::Ordering::Relaxed)
+        && has_avx2_fma()
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512vl")
+}
+
+/// Tests only: with `on`, kernels take their AVX2 builds even where AVX-512 is present.
+#[cfg(all(test, target_arch = "x86_64"))]
+pub(crate) fn avx2_only(on: bool) {
+    AVX2_ONLY.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Defines `fn $name(args)` that runs the generic kernel `$generic::<I>(args)` compiled for the
@@ -58,10 +97,21 @@ macro_rules! multiversion {
         $vis fn $name($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                fn avx512($($arg: $ty),*) {
+                    $generic::<$crate::fused::simd::Fused512>($($arg),*)
+                }
                 #[target_feature(enable = "avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
                 fn avx2($($arg: $ty),*) {
                     $generic::<$crate::fused::simd::Fused>($($arg),*)
+                }
+                if $crate::fused::simd::has_avx512() {
+                    // SAFETY: `avx512` only needs AVX-512 F/VL, AVX2 and FMA, which the running
+                    // CPU was just checked to support.
+                    unsafe { avx512($($arg),*) };
+                    return;
                 }
                 if $crate::fused::simd::has_avx2_fma() {
                     // SAFETY: `avx2` only needs the AVX2 and FMA instructions, which the running
@@ -276,14 +326,11 @@ pub(crate) enum Causal {
     QueriesFromRow,
 }
 
-/// Rows and columns of C held in registers by one [`tile`]: 6 x 16 floats is 12 of the 16 AVX2
-/// registers, and each step over `k` loads 2 vectors of B and 6 scalars of A for 12 FMAs (the
-/// classic sgemm micro-kernel shape). Measured on 64 x 64 x 64 blocks: 6 x 16 runs about 20%
-/// faster than 4 x 16. (An AVX-512 build of the same code with 6 x 32 tiles ran such blocks about
-/// 1.3x faster again in a quick standalone test on a loaded machine; not done yet, as it means a
-/// third instantiation of every kernel and an instruction-set-dependent `NR`.)
+/// Rows of C held in registers by one [`tile`]; its columns are `I::NR`. 6 x 16 floats is 12 of
+/// the 16 AVX2 registers, and each step over `k` loads 2 vectors of B and 6 scalars of A for 12
+/// FMAs (the classic sgemm micro-kernel shape). Measured on 64 x 64 x 64 blocks: 6 x 16 runs
+/// about 20% faster than 4 x 16; the AVX-512 build takes 6 x 32 ([`Fused512`]).
 const MR: usize = 6;
-const NR: usize = 16;
 
 /// `C[..R][..N] += op(A)[..R][..k] * B[..k][..N]`, summed over `k` in order in registers and then
 /// added to C. `op(A)[r][kk]` is `a[r * lda + kk]`, or `a[kk * lda + r]` with `TA` (A transposed).
@@ -329,7 +376,7 @@ fn tile<I: Isa, const R: usize, const N: usize, const TA: bool>(
 
 /// `C (m, n) += op(A) (m, k) * B (k, n)`, row-major with leading dimensions `lda`, `ldb`, `ldc`
 /// (see [`tile`] for `TA`), skipping what `causal` says is not needed. Register tiles of
-/// [`MR`] x [`NR`]; edges use narrower tiles. Each element of C gets its sum over `k` in order,
+/// [`MR`] x `I::NR`; edges use narrower tiles. Each element of C gets its sum over `k` in order,
 /// the same for any caller, so the result is deterministic.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -371,13 +418,20 @@ fn gemm<I: Isa, const TA: bool>(
                 break;
             }
             let nr = match n - j {
-                r if r >= NR => NR,
+                r if r >= I::NR => I::NR,
+                r if r >= 16 => 16,
                 r if r >= 8 => 8,
                 _ => 1,
             };
             let (b, c) = (&b_tile[j..], &mut c_tile[j..]);
             let kk = k1 - k0;
             match (mr, nr) {
+                (6, 32) => tile::<I, 6, 32, TA>(kk, a_tile, lda, b, ldb, c, ldc),
+                (5, 32) => tile::<I, 5, 32, TA>(kk, a_tile, lda, b, ldb, c, ldc),
+                (4, 32) => tile::<I, 4, 32, TA>(kk, a_tile, lda, b, ldb, c, ldc),
+                (3, 32) => tile::<I, 3, 32, TA>(kk, a_tile, lda, b, ldb, c, ldc),
+                (2, 32) => tile::<I, 2, 32, TA>(kk, a_tile, lda, b, ldb, c, ldc),
+                (1, 32) => tile::<I, 1, 32, TA>(kk, a_tile, lda, b, ldb, c, ldc),
                 (6, 16) => tile::<I, 6, 16, TA>(kk, a_tile, lda, b, ldb, c, ldc),
                 (5, 16) => tile::<I, 5, 16, TA>(kk, a_tile, lda, b, ldb, c, ldc),
                 (4, 16) => tile::<I, 4, 16, TA>(kk, a_tile, lda, b, ldb, c, ldc),
