@@ -26,7 +26,10 @@
 //!   `(e^(x - lse) - onehot(t)) * g / count` in one pass over the logits.
 //!
 //! - [`linear`]: `y = x W^T + b` in one node, `dx = dy W`, `dW = dy^T x`, `db = sum_rows(dy)`
-//!   on the `gemm` crate (see `fused/linear.rs`).
+//!   on the `gemm` crate (see `fused/linear.rs`), or with bf16 operands on kiln's own AVX-512
+//!   BF16 GEMM (`fused/bf16.rs`) inside [`with_matmul_precision`].
+//! - [`linear_cross_entropy`]: an output head without bias and the loss in one node whose
+//!   forward pass computes the gradients (no (N, V) tensor outlives it).
 //! - [`gelu_tanh`], [`gelu_erf`] and [`swiglu`]: the MLP activations, elementwise with their
 //!   derivatives (formulas in `fused/activation.rs`).
 //! - [`encoder_attention`] (forward only, for inference): bidirectional attention over a packed
@@ -39,8 +42,9 @@
 //! element is written by exactly one task in a fixed order, and sums across chunks (the norms'
 //! weight and bias gradients) are per-chunk partials added in chunk order. The two attention
 //! backward schedules add the same blocks in the same order, so they give the same bits. The
-//! instruction set (AVX2 + FMA or baseline, see `simd.rs`) is picked from the CPU, so bits can
-//! differ between machines, never between runs on one.
+//! instruction set (AVX-512 or AVX2 + FMA, which agree bit for bit, or the baseline without FMA,
+//! see `simd.rs`) is picked from the CPU, so bits can differ between machines, never between
+//! runs on one. bf16 matmuls ([`MatmulPrecision::Bf16`]) follow the same rules.
 
 mod activation;
 mod attention;
