@@ -131,15 +131,17 @@ thread_local! {
     };
 }
 
+/// A pointer into a buffer whose disjoint parts rayon tasks write.
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: the tasks write disjoint tiles of the buffer behind the pointer (see `matmul_new`).
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
+struct SendPtr<T>(*mut T);
+// SAFETY: the tasks write disjoint parts of the buffer behind the pointer: tiles of C in
+// `matmul_new`, pairs of the panels in `pack_panels`.
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
 
-impl SendPtr {
+impl<T> SendPtr<T> {
     /// By value, so that a closure captures the wrapper (Send), not its raw field.
-    fn get(self) -> *mut f32 {
+    fn get(self) -> *mut T {
         self.0
     }
 }
@@ -215,7 +217,7 @@ fn pack_panels(k: usize, count: usize, x: View<'_>, width: usize, buf: Vec<u32>)
         // (Measured on the (2048, 4096) gradient of the output head: a task per panel, reading
         // its columns down all the rows, was 3x slower; a task per block of pairs that wrote
         // every panel, 1.5x.)
-        let dst = SendU32(out.as_mut_ptr());
+        let dst = SendPtr(out.as_mut_ptr());
         let row_blocks = count.div_ceil(CB);
         (0..kp.div_ceil(PB) * row_blocks)
             .into_par_iter()
@@ -251,19 +253,6 @@ fn sized(mut buf: Vec<u32>, len: usize) -> Vec<u32> {
     buf.resize(len, 0);
     buf.truncate(len);
     buf
-}
-
-#[derive(Clone, Copy)]
-struct SendU32(*mut u32);
-// SAFETY: the tasks write disjoint pairs of the panels behind the pointer (see `pack_panels`).
-unsafe impl Send for SendU32 {}
-unsafe impl Sync for SendU32 {}
-
-impl SendU32 {
-    /// By value, so that a closure captures the wrapper (Send), not its raw field.
-    fn get(self) -> *mut u32 {
-        self.0
-    }
 }
 
 /// Pairs `pairs` of every panel (`[panel][pair][width]`, `kp` pairs, at `out`) from a source
