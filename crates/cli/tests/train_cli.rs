@@ -109,6 +109,18 @@ fn speedrun_writes_report_curve_and_a_usable_model() {
     }
     let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
     assert!(last["val_bpb"].as_f64().unwrap() > 0.0);
+    // `--precision auto`, the speedrun's default, took bf16 exactly where the CPU has it, and the
+    // run and the report say which.
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("run/run.json")).unwrap()).unwrap();
+    let bf16 = kiln_nn::fused::bf16_available();
+    assert_eq!(run["precision"], if bf16 { "bf16" } else { "f32" });
+    let row = if bf16 {
+        "| precision | bf16"
+    } else {
+        "| precision | f32"
+    };
+    assert!(report.contains(row), "{report}");
     // The trained model generates through the inference path.
     let model = out.join("run/model");
     let g = ok(&[
@@ -313,6 +325,45 @@ fn ctrl_c_checkpoints_and_resume_continues() {
         ok(&args);
     }
     assert_eq!(losses(&run), losses(&whole));
+}
+
+/// `kiln train --precision bf16` trains where the CPU has AVX-512 BF16 and is refused by name
+/// elsewhere; resuming it as f32 (the default) is refused naming the setting.
+#[test]
+fn bf16_training_runs_or_is_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = prepare(tmp.path());
+    let run = tmp.path().join("run");
+    let mut args = vec![
+        "train",
+        "--data",
+        ds.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--steps",
+        "4",
+        "--quiet",
+        "--precision",
+        "bf16",
+    ];
+    args.extend_from_slice(TINY);
+    if !kiln_nn::fused::bf16_available() {
+        let e = err(&[&args[..], &["--until-step", "2"]].concat());
+        assert!(e.contains("AVX-512 BF16"), "{e}");
+        return;
+    }
+    ok(&[&args[..], &["--until-step", "2"]].concat());
+    let mut as_f32: Vec<&str> = args.iter().copied().filter(|a| *a != "bf16").collect();
+    as_f32.retain(|a| *a != "--precision");
+    as_f32.push("--resume");
+    let e = err(&as_f32);
+    assert!(
+        e.contains("different settings") && e.contains("precision"),
+        "{e}"
+    );
+    ok(&[&args[..], &["--resume"]].concat());
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 4);
 }
 
 #[test]
