@@ -153,9 +153,8 @@ fn check(a: &BenchTrainArgs) -> Result<()> {
     if a.vocab < 2 || a.vocab > u32::MAX as usize {
         bail!("--vocab must be between 2 and 2^32 - 1 (got {})", a.vocab);
     }
-    if a.precision == crate::train_cmd::PrecisionArg::Bf16 && !kiln_nn::fused::bf16_available() {
-        bail!("--precision bf16 needs a CPU with AVX-512 BF16 (avx512_bf16), which this one lacks");
-    }
+    kiln_nn::fused::check_matmul_precision(a.precision.get().matmul())
+        .context("--precision bf16")?;
     Ok(())
 }
 

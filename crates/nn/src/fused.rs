@@ -98,15 +98,21 @@ pub fn matmul_precision() -> MatmulPrecision {
     PRECISION.with(Cell::get)
 }
 
-/// Runs `f` with [`linear`] on this thread in `precision` (restored afterwards, also when `f`
-/// panics). An op keeps the precision it was built with, so its backward, run later, matches
-/// its forward. Errors, without running `f`, for `Bf16` on a CPU without AVX-512 BF16.
-pub fn with_matmul_precision<R>(precision: MatmulPrecision, f: impl FnOnce() -> R) -> Result<R> {
+/// Whether this CPU can run `precision`: an error naming what `Bf16` needs where it cannot.
+pub fn check_matmul_precision(precision: MatmulPrecision) -> Result<()> {
     if precision == MatmulPrecision::Bf16 && !bf16_available() {
         return Err(NnError::Unsupported(
             "bf16 matmuls need a CPU with AVX-512 BF16 (avx512_bf16), which this one lacks; use f32".into(),
         ));
     }
+    Ok(())
+}
+
+/// Runs `f` with [`linear`] on this thread in `precision` (restored afterwards, also when `f`
+/// panics). An op keeps the precision it was built with, so its backward, run later, matches
+/// its forward. Errors, without running `f`, where [`check_matmul_precision`] does.
+pub fn with_matmul_precision<R>(precision: MatmulPrecision, f: impl FnOnce() -> R) -> Result<R> {
+    check_matmul_precision(precision)?;
     struct Restore(MatmulPrecision);
     impl Drop for Restore {
         fn drop(&mut self) {
@@ -908,13 +914,7 @@ impl CustomOp1 for CrossEntropyOp {
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         let g = grad.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-        let count = self
-            .targets
-            .iter()
-            .filter(|&&t| t != self.ignore_index)
-            .count();
-        // With every row ignored there is nothing to differentiate: all rows get 0.
-        let coef = if count == 0 { 0.0 } else { g / count as f32 };
+        let coef = cross_entropy::coef(&self.targets, self.ignore_index, g);
         let lse = self.lse.lock().map_err(|_| poisoned(self.name()))?;
         let dx = {
             let xd = F32Data::new(logits)?;
@@ -954,8 +954,7 @@ impl CustomOp2 for LinearCrossEntropyOp {
         let mut logits = linear::forward(self.prec, x, w, None, n, v, k);
         let lse = cross_entropy::logsumexp(&logits, v, t, ignore);
         let loss = cross_entropy::mean_loss(&logits, v, t, ignore, &lse);
-        let count = t.iter().filter(|&&t| t != ignore).count();
-        let coef = if count == 0 { 0.0 } else { 1.0 / count as f32 };
+        let coef = cross_entropy::coef(t, ignore, 1.0);
         cross_entropy::grad_in_place(&mut logits, v, t, ignore, &lse, coef);
         let dx = linear::grad_x(self.prec, &logits, w, n, v, k);
         let dw = linear::grad_w(self.prec, &logits, x, n, v, k);

@@ -174,11 +174,7 @@ impl TrainSettings {
             }
         }
         self.style()?;
-        if self.precision == Precision::Bf16 && !kiln_nn::fused::bf16_available() {
-            return bad(
-                "precision bf16 needs a CPU with AVX-512 BF16 (avx512_bf16), which this one lacks; use f32".into(),
-            );
-        }
+        kiln_nn::fused::check_matmul_precision(self.precision.matmul())?;
         Ok(())
     }
 

@@ -47,8 +47,8 @@ pub(super) fn mean_loss(x: &[f32], v: usize, targets: &[u32], ignore: u32, lse: 
     (total / count as f64) as f32
 }
 
-/// [`grad`] written over the logits themselves (the output head's fused loss, which needs the
-/// logits no more): ignored rows become 0. The same arithmetic, so the same bits.
+/// [`grad`] written over the logits themselves (the output head's fused loss needs them no
+/// more): ignored rows become 0.
 pub(super) fn grad_in_place(
     x: &mut [f32],
     v: usize,
@@ -92,35 +92,8 @@ multiversion!(fn grad_in_place_task = grad_in_place_chunk(
     x: &mut [f32], targets: &[u32], ignore: u32, lse: &[f32], coef: f32,
 ););
 
-#[inline(always)]
-fn grad_chunk<I: Isa>(
-    x: &[f32],
-    targets: &[u32],
-    ignore: u32,
-    lse: &[f32],
-    coef: f32,
-    dx: &mut [f32],
-) {
-    let v = x.len() / lse.len();
-    let rows = x.chunks_exact(v).zip(dx.chunks_exact_mut(v));
-    for ((x, dx), (&t, &lse)) in rows.zip(targets.iter().zip(lse)) {
-        if t == ignore {
-            continue;
-        }
-        for (dx, &x) in dx.iter_mut().zip(x) {
-            *dx = exp::<I>(x - lse) * coef;
-        }
-        if let Some(dt) = dx.get_mut(t as usize) {
-            *dt -= coef;
-        }
-    }
-}
-multiversion!(fn grad_task = grad_chunk(
-    x: &[f32], targets: &[u32], ignore: u32, lse: &[f32], coef: f32, dx: &mut [f32],
-););
-
 /// `d loss / d x = (softmax(x) - onehot(target)) * coef` per row (`coef` = upstream gradient over
-/// the number of rows counted); ignored rows get 0.
+/// the number of rows counted); ignored rows get 0. A copy of `x` run through [`grad_in_place`].
 pub(super) fn grad(
     x: &[f32],
     v: usize,
@@ -129,14 +102,16 @@ pub(super) fn grad(
     lse: &[f32],
     coef: f32,
 ) -> Vec<f32> {
-    let mut dx = vec![0f32; x.len()];
-    dx.par_chunks_mut(CHUNK_ROWS * v)
-        .zip(x.par_chunks(CHUNK_ROWS * v))
-        .zip(
-            targets
-                .par_chunks(CHUNK_ROWS)
-                .zip(lse.par_chunks(CHUNK_ROWS)),
-        )
-        .for_each(|((dx, x), (t, l))| grad_task(x, t, ignore, l, coef, dx));
+    let mut dx = x.to_vec();
+    grad_in_place(&mut dx, v, targets, ignore, lse, coef);
     dx
+}
+
+/// `g` over the number of rows whose target is not `ignore`, 0 when every row is ignored
+/// (nothing to differentiate): the factor of [`grad`].
+pub(super) fn coef(targets: &[u32], ignore: u32, g: f32) -> f32 {
+    match targets.iter().filter(|&&t| t != ignore).count() {
+        0 => 0.0,
+        count => g / count as f32,
+    }
 }
