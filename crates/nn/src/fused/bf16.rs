@@ -10,7 +10,8 @@
 //!
 //! Layout. `vdpbf16ps acc, a, b` computes `acc[j] += a[2j] b[2j] + a[2j+1] b[2j+1]`, so both
 //! operands are packed as *pairs* along k (one u32 = two bf16, k even first, a zero pads odd k):
-//! - B in panels of [`NR`] = 64 columns: `[panel][pair][64]` u32, columns past `n` zero;
+//! - B in panels of [`NR`] = 64 columns: `[panel][pair][64]` u32 (lanes past `n` feed only
+//!   outputs that are not stored);
 //! - A either as rows of pairs (`[row][pair]`, when A's rows are contiguous in k: a straight
 //!   conversion) or in panels of [`MR`] = 6 rows (`[panel][pair][6]`, when A is a transpose); the
 //!   kernel takes a row stride and a pair stride, so it reads both.
@@ -208,7 +209,7 @@ const PB: usize = 16;
 const CB: usize = 384;
 
 /// The `count` rows of `x` (element (r, kk) at `r * rs + kk * cs`) as `[panel][pair][width]`
-/// u32, `width` rows per panel, lanes past `count` zero.
+/// u32, `width` rows per panel; what lanes past `count` hold is never read (see `SCRATCH`).
 fn pack_panels(k: usize, count: usize, x: View<'_>, width: usize, buf: Vec<u32>) -> Vec<u32> {
     let kp = k.div_ceil(2);
     let mut out = sized(buf, count.div_ceil(width) * kp * width);
@@ -319,10 +320,10 @@ unsafe fn interleave_rows<const W: usize>(
 }
 
 /// Fills `out` (`[pair][width]`, `kp * width` u32) with pairs along k of the `count` rows
-/// `r0..r0 + count` of `x` (element (r, kk) at `r * rs + kk * cs`); lanes past `count` stay 0.
-///
-/// k contiguous (`cs == 1`): one row's 32 values per conversion, stored one pair per lane;
-/// anything else through a small gather buffer. (Rows contiguous go to `interleave_rows`.)
+/// `r0..r0 + count` of `x` (element (r, kk) at `r * rs + kk * cs`); lanes past `count` are not
+/// written (see `SCRATCH`). Each row's values go 32 at a time through one conversion, read
+/// straight from the row when k is contiguous (`cs == 1`), else gathered into a small buffer,
+/// and are stored one pair per lane. (Rows contiguous go to `interleave_rows`.)
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn interleave(
     k: usize,
@@ -334,37 +335,25 @@ unsafe fn interleave(
 ) {
     let kp = k.div_ceil(2);
     debug_assert!(out.len() >= kp * width && count <= width);
-    if x.cs == 1 {
-        let mut tmp = [0u32; 16];
-        for r in 0..count {
-            let row = &x.data[(r0 + r) * x.rs..][..k];
-            for p0 in (0..kp).step_by(16) {
-                let np = 16.min(kp - p0);
-                let vals = (k - 2 * p0).min(32);
-                // SAFETY: `row` holds `vals` values from 2 * p0 on; `tmp` holds 16 pairs.
-                unsafe {
-                    convert32(&row[2 * p0..], vals, tmp.as_mut_ptr());
-                }
-                for (j, &v) in tmp[..np].iter().enumerate() {
-                    out[(p0 + j) * width + r] = v;
-                }
-            }
-        }
-    } else {
-        let mut buf = [0f32; 32];
-        let mut tmp = [0u32; 16];
-        for r in 0..count {
-            for p0 in (0..kp).step_by(16) {
-                let np = 16.min(kp - p0);
-                let vals = (k - 2 * p0).min(32);
+    let mut buf = [0f32; 32];
+    let mut tmp = [0u32; 16];
+    for r in 0..count {
+        let base = (r0 + r) * x.rs;
+        for p0 in (0..kp).step_by(16) {
+            let np = 16.min(kp - p0);
+            let vals = (k - 2 * p0).min(32);
+            let src: &[f32] = if x.cs == 1 {
+                &x.data[base + 2 * p0..][..vals]
+            } else {
                 for (e, slot) in buf[..vals].iter_mut().enumerate() {
-                    *slot = x.data[(r0 + r) * x.rs + (2 * p0 + e) * x.cs];
+                    *slot = x.data[base + (2 * p0 + e) * x.cs];
                 }
-                // SAFETY: `buf` holds `vals` values; `tmp` holds 16 pairs.
-                unsafe { convert32(&buf, vals, tmp.as_mut_ptr()) };
-                for (j, &v) in tmp[..np].iter().enumerate() {
-                    out[(p0 + j) * width + r] = v;
-                }
+                &buf[..vals]
+            };
+            // SAFETY: `src` holds `vals` values; `tmp` holds 16 pairs.
+            unsafe { convert32(src, vals, tmp.as_mut_ptr()) };
+            for (j, &v) in tmp[..np].iter().enumerate() {
+                out[(p0 + j) * width + r] = v;
             }
         }
     }
